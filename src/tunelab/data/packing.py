@@ -1,0 +1,75 @@
+"""Pack short examples into full rows, and collate rows into batches.
+
+A packed row holds several examples back to back. Each example's position ids restart at 0; with no attention
+mask, transformers derives a block-diagonal causal mask from those restarts, so packed examples never attend to
+each other (tested: an example's logits are the same packed or alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.data.render import IGNORE, Tokenized
+
+
+@dataclass(frozen=True)
+class Row:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def pack(examples: list[Tokenized], max_len: int) -> list[Row]:
+    """Best-fit packing: each example goes into the fullest row it fits in (examples are already <= max_len)."""
+    bins: list[list[Tokenized]] = []
+    free: list[int] = []
+    for ex in examples:
+        fits = [i for i, space in enumerate(free) if space >= len(ex.input_ids)]
+        if fits:
+            best = min(fits, key=lambda i: free[i])
+            bins[best].append(ex)
+            free[best] -= len(ex.input_ids)
+        else:
+            bins.append([ex])
+            free.append(max_len - len(ex.input_ids))
+    return [_concat(group) for group in bins]
+
+
+def unpacked(examples: list[Tokenized]) -> list[Row]:
+    return [_concat([ex]) for ex in examples]
+
+
+def _concat(group: list[Tokenized]) -> Row:
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in group:
+        ids += ex.input_ids
+        labels += ex.labels
+        positions += range(len(ex.input_ids))
+    return Row(ids, labels, positions)
+
+
+def collate(rows: list[Row], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest. Packed batches carry position ids (no mask); others an attention mask."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    # Padding gets its own restarting positions, so it forms a separate "example" nobody attends to.
+    positions = torch.arange(width).repeat(len(rows), 1)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        labels[i, :n] = torch.tensor(row.labels)
+        mask[i, :n] = 1
+        positions[i, :n] = torch.tensor(row.position_ids)
+        positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
+    return batch

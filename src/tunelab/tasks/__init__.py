@@ -1,0 +1,51 @@
+"""Scenarios. A task turns data files into training rows and scores a model on held-out data.
+
+Each scenario is one module with a class satisfying `Task`; `get_task(name)` finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from tunelab.config import JobSpec
+    from tunelab.data.packing import Row
+    from tunelab.evaluate import Generation
+
+
+@dataclass
+class TaskData:
+    train_rows: list[Row]
+    val_rows: list[Row]
+    n_train_examples: int
+    n_val_examples: int
+    warnings: list[str] = field(default_factory=list)
+    val_items: list[object] = field(default_factory=list)  # what generations are drawn from (task-specific)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    samples: list[Generation]
+
+
+class Task(Protocol):
+    name: str
+    lower_is_better: frozenset[str]
+
+    def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData: ...
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
+    ) -> Evaluation: ...
+
+
+def get_task(name: str) -> Task:
+    from tunelab.tasks.chat import ChatTask
+
+    tasks: dict[str, Task] = {"chat": ChatTask()}
+    return tasks[name]  # the spec's Literal type has already refused unknown names

@@ -1,0 +1,117 @@
+"""The CLI on the tiny model: train, export, generate, data validate/preview, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+
+ROOT = Path(__file__).parents[1]
+runner = CliRunner()
+
+
+def _spec(tmp_path: Path, model_dir: Path, method: str = "lora", steps: int = 8) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"model: {{name: {model_dir}}}\n"
+        f"method: {{name: {method}, r: 4, alpha: 8}}\n"
+        f"data: {{train: {ROOT / 'data/chat/train.jsonl'}, validation: {ROOT / 'data/chat/validation.jsonl'}}}\n"
+        f"train: {{max_steps: {steps}, batch_size: 4, lr: 5.0e-3, max_seq_len: 64}}\n"
+        "checkpoints: {every_steps: 4}\n"
+        "eval: {max_examples: 8, samples: 2, max_new_tokens: 8}\n"
+        f"output_dir: {tmp_path / 'run'}\n",
+        encoding="utf-8",
+    )
+    return spec
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor) -> list[int]:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    return out[0].tolist()  # type: ignore[no-any-return]
+
+
+def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(_spec(tmp_path, tiny_llama_dir))])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert (run / "report.html").is_file() and (run / "report.png").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 8
+    assert "trainable parameters" in result.output
+
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    ids = torch.tensor([tok("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    assert _generate(merged, ids) == _generate(adapted, ids)
+    with torch.no_grad():
+        diff = (merged(ids).logits - adapted(ids).logits).abs().max()
+    assert diff < 1e-4
+
+    # Resume of a finished run is a no-op that still exports; export --run re-merges from the adapter.
+    exported = runner.invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "again")])
+    assert exported.exit_code == 0, exported.output
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert _generate(again, ids) == _generate(merged, ids)
+
+    gen = runner.invoke(app, ["generate", "hello", "--model", str(tiny_llama_dir), "--adapter", str(run / "adapter"),
+                              "--max-new-tokens", "5"])
+    assert gen.exit_code == 0, gen.output
+
+
+def test_prefix_tuning_trains_and_exports_adapter_only(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(_spec(tmp_path, tiny_llama_dir, "prefix_tuning", steps=4))])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run/adapter/adapter_config.json").is_file()
+    assert not (tmp_path / "run/merged").exists()
+    assert "not mergeable" in result.output
+
+
+def test_resume_continues_from_the_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(tmp_path, tiny_llama_dir)
+    runner.invoke(app, ["train", str(spec), "--set", "train.max_steps=4", "--set", "eval.enabled=false"])
+    resumed = runner.invoke(app, ["train", str(spec), "--resume", "--set", "eval.enabled=false"])
+    assert resumed.exit_code == 0, resumed.output
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_config_errors_are_clean_messages(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {train: missing.jsonl}\ntrain: {lrr: 1}\n", encoding="utf-8")
+    result = runner.invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    assert "did you mean 'lr'?" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_hub_model_offline_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["generate", "hi", "--model", "someone/not-a-cached-model"])
+    assert result.exit_code == 2
+    assert "Pass a local folder" in result.output
+
+
+def test_data_validate_reports_lines_and_exit_code(tmp_path: Path) -> None:
+    ok = runner.invoke(app, ["data", "validate", str(ROOT / "data/chat/validation.jsonl")])
+    assert ok.exit_code == 0 and "100 valid examples" in ok.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n', encoding="utf-8")
+    result = runner.invoke(app, ["data", "validate", str(bad)])
+    assert result.exit_code == 1
+    assert "bad.jsonl:1" in result.output and "bad.jsonl:2" in result.output
+
+
+def test_data_preview_marks_trained_tokens(tiny_llama_dir: Path) -> None:
+    result = runner.invoke(app, ["data", "preview", str(ROOT / "data/chat/validation.jsonl"), "--model",
+                                 str(tiny_llama_dir), "--n", "1"])
+    assert result.exit_code == 0, result.output
+    assert "trained" in result.output

@@ -1,0 +1,40 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct): the README's main job, a few steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.models import embedded_model_dir
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tunelab.cli", "train", str(ROOT / "examples/chat.yaml"),
+           "--set", "train.max_steps=4", "--set", "train.lr=1e-3", "--set", "eval.max_examples=12",
+           "--set", "eval.samples=1", "--set", "eval.max_new_tokens=8", "--set", f"output_dir={out}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert summary["trainable_params"] == 4_884_480  # LoRA r=16 on all 7 projections of 30 layers
+    assert "report:" in done.stdout and (out / "report.html").is_file()
+
+    base_dir = embedded_model_dir()
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "what is your name"}],
+                                                add_generation_prompt=True, tokenize=True)["input_ids"]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 10, "do_sample": False}
+    assert merged.generate(ids, **kw).tolist() == adapted.generate(ids, **kw).tolist()

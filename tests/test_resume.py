@@ -1,0 +1,92 @@
+"""Exact resume: a run stopped after step k and resumed equals an uninterrupted run. Ctrl-C saves first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.config import CheckpointSpec, MethodSpec, TrainSpec
+from tunelab.data.formats import to_example
+from tunelab.data.packing import Row, pack
+from tunelab.data.render import tokenize
+from tunelab.methods import apply_method
+from tunelab.train.checkpoint import latest_checkpoint
+from tunelab.train.loop import train
+from tunelab.train.progress import ProgressReporter
+
+ROOT = Path(__file__).parents[1]
+TRAIN = TrainSpec(max_steps=6, batch_size=2, grad_accum=2, lr=3e-3, max_seq_len=64, seed=3, warmup_ratio=0.2)
+
+
+def _rows(tokenizer_dir: Path) -> tuple[list[Row], int]:
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lines = (ROOT / "data/chat/train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    examples = [tokenize(to_example(json.loads(line), i, "messages"), tok, 64) for i, line in enumerate(lines, 1)]
+    return pack(examples, 64), tok.pad_token_id
+
+
+def _model(model_dir: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    # Dropout on: resume must restore the RNG too, not only weights and optimizer.
+    return apply_method(base, MethodSpec(name="lora", r=4, alpha=8, dropout=0.1))
+
+
+def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir: Path, tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    rows, pad = _rows(tiny_tokenizer_dir)
+    ckpt = CheckpointSpec(every_steps=2, keep_last=2)
+
+    straight = _model(tiny_llama_dir)
+    full = train(straight, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "a")
+
+    first = _model(tiny_llama_dir)
+    part = train(first, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "b",
+                 stop_after=3)
+    assert part.interrupted and part.state.step == 3
+    torch.manual_seed(1234)  # a different process state: resume must not depend on it
+    second = _model(tiny_llama_dir)
+    resumed = train(second, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt,
+                    out_dir=tmp_path / "b", resume_from=latest_checkpoint(tmp_path / "b" / "checkpoints"))
+
+    losses = [h["loss"] for h in full.state.history]
+    assert [h["loss"] for h in resumed.state.history] == losses
+    assert losses[-1] < losses[0]
+    for name, value in _adapter(straight).items():
+        torch.testing.assert_close(_adapter(second)[name], value, rtol=0, atol=0)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    assert len(list((tmp_path / "b/checkpoints").glob("step-*"))) == 2  # keep_last
+
+
+class _CtrlCAt(ProgressReporter):
+    """Presses Ctrl-C (a real SIGINT to this process) when step `at` is logged."""
+
+    def __init__(self, at: int, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.at = at
+
+    def update(self, row: dict[str, float], eta_s: float) -> None:
+        super().update(row, eta_s)
+        if row["step"] == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint(tiny_llama_dir: Path, tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    rows, pad = _rows(tiny_tokenizer_dir)
+    (tmp_path / "run").mkdir()
+    reporter = _CtrlCAt(2, TRAIN.max_steps, 0, tmp_path / "run" / "metrics.jsonl")
+    result = train(_model(tiny_llama_dir), rows, pad_id=pad, packed=True, train_spec=TRAIN,
+                   ckpt_spec=CheckpointSpec(), out_dir=tmp_path / "run", reporter=reporter)
+    assert result.interrupted and result.state.step == 2
+    assert result.checkpoint is not None and result.checkpoint.name == "step-000002"
+    assert (result.checkpoint / "trainable.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
