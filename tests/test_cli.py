@@ -63,8 +63,19 @@ def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tm
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     assert _generate(again, ids) == _generate(merged, ids)
 
-    gen = runner.invoke(app, ["generate", "hello", "--model", str(tiny_llama_dir), "--adapter", str(run / "adapter"),
-                              "--max-new-tokens", "5"])
+    gen = runner.invoke(
+        app,
+        [
+            "generate",
+            "hello",
+            "--model",
+            str(tiny_llama_dir),
+            "--adapter",
+            str(run / "adapter"),
+            "--max-new-tokens",
+            "5",
+        ],
+    )
     assert gen.exit_code == 0, gen.output
 
 
@@ -111,7 +122,8 @@ def test_data_validate_reports_lines_and_exit_code(tmp_path: Path) -> None:
 
 
 def test_data_preview_marks_trained_tokens(tiny_llama_dir: Path) -> None:
-    result = runner.invoke(app, ["data", "preview", str(ROOT / "data/chat/validation.jsonl"), "--model",
-                                 str(tiny_llama_dir), "--n", "1"])
+    result = runner.invoke(
+        app, ["data", "preview", str(ROOT / "data/chat/validation.jsonl"), "--model", str(tiny_llama_dir), "--n", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert "trained" in result.output

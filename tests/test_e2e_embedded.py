@@ -20,9 +20,25 @@ ROOT = Path(__file__).parents[1]
 @pytest.mark.slow
 def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tunelab.cli", "train", str(ROOT / "examples/chat.yaml"),
-           "--set", "train.max_steps=4", "--set", "train.lr=1e-3", "--set", "eval.max_examples=12",
-           "--set", "eval.samples=1", "--set", "eval.max_new_tokens=8", "--set", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunelab.cli",
+        "train",
+        str(ROOT / "examples/chat.yaml"),
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.lr=1e-3",
+        "--set",
+        "eval.max_examples=12",
+        "--set",
+        "eval.samples=1",
+        "--set",
+        "eval.max_new_tokens=8",
+        "--set",
+        f"output_dir={out}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -32,8 +48,13 @@ def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
 
     base_dir = embedded_model_dir()
     tok = AutoTokenizer.from_pretrained(out / "merged")
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "what is your name"}],
-                                                add_generation_prompt=True, tokenize=True)["input_ids"]])
+    ids = torch.tensor(
+        [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "what is your name"}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
+        ]
+    )
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 10, "do_sample": False}

@@ -44,7 +44,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llama_dir: Path) -> No
     row = pack([a, b], max_len=64)
     assert len(row) == 1
     with torch.no_grad():
-        packed = model(**{k: v for k, v in collate(row, 0, packed=True).items() if k != "labels"}).logits[0]
+        inputs = {k: v for k, v in collate(row, 0, packed=True).items() if k != "labels"}
+        packed = model(**inputs, use_cache=False).logits[0]  # the block mask needs no cache (see train/loop.py)
         alone_b = model(input_ids=torch.tensor([b.input_ids])).logits[0]
         alone_a = model(input_ids=torch.tensor([a.input_ids])).logits[0]
     order = row[0].input_ids

@@ -49,13 +49,22 @@ def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir: Path, tiny_tokeniz
     full = train(straight, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "a")
 
     first = _model(tiny_llama_dir)
-    part = train(first, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "b",
-                 stop_after=3)
+    part = train(
+        first, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "b", stop_after=3
+    )
     assert part.interrupted and part.state.step == 3
     torch.manual_seed(1234)  # a different process state: resume must not depend on it
     second = _model(tiny_llama_dir)
-    resumed = train(second, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt,
-                    out_dir=tmp_path / "b", resume_from=latest_checkpoint(tmp_path / "b" / "checkpoints"))
+    resumed = train(
+        second,
+        rows,
+        pad_id=pad,
+        packed=True,
+        train_spec=TRAIN,
+        ckpt_spec=ckpt,
+        out_dir=tmp_path / "b",
+        resume_from=latest_checkpoint(tmp_path / "b" / "checkpoints"),
+    )
 
     losses = [h["loss"] for h in full.state.history]
     assert [h["loss"] for h in resumed.state.history] == losses
@@ -84,8 +93,16 @@ def test_ctrl_c_saves_a_checkpoint(tiny_llama_dir: Path, tiny_tokenizer_dir: Pat
     rows, pad = _rows(tiny_tokenizer_dir)
     (tmp_path / "run").mkdir()
     reporter = _CtrlCAt(2, TRAIN.max_steps, 0, tmp_path / "run" / "metrics.jsonl")
-    result = train(_model(tiny_llama_dir), rows, pad_id=pad, packed=True, train_spec=TRAIN,
-                   ckpt_spec=CheckpointSpec(), out_dir=tmp_path / "run", reporter=reporter)
+    result = train(
+        _model(tiny_llama_dir),
+        rows,
+        pad_id=pad,
+        packed=True,
+        train_spec=TRAIN,
+        ckpt_spec=CheckpointSpec(),
+        out_dir=tmp_path / "run",
+        reporter=reporter,
+    )
     assert result.interrupted and result.state.step == 2
     assert result.checkpoint is not None and result.checkpoint.name == "step-000002"
     assert (result.checkpoint / "trainable.safetensors").is_file()

@@ -30,7 +30,7 @@ def language_metrics(
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id, packed)
         labels = batch.pop("labels")
-        logits = model(**batch).logits
+        logits = model(**batch, use_cache=False).logits  # no cache: packed rows keep their block mask
         # Prompt-learning models return logits for their virtual tokens too; keep the last positions.
         logits = logits[:, -labels.shape[1] :, :].float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]

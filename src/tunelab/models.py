@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -131,14 +134,32 @@ def _from_pretrained(cls: Any, source: ModelSource, **kwargs: object) -> Any:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model folder {source.path}: {exc}") from exc
     try:
-        # The local hub cache first: no network round trip when the model was downloaded before.
-        return cls.from_pretrained(source.path, local_files_only=True, **kwargs)
+        # The local hub cache first: no network round trip when the model was downloaded before. Auto model
+        # classes also look for a PEFT adapter config, which must stay local too.
+        cached = {"adapter_kwargs": {"local_files_only": True}} if cls is AutoModelForCausalLM else {}
+        return cls.from_pretrained(source.path, local_files_only=True, **cached, **kwargs)
     except OSError:
         pass
+    missing = ModelError(
+        f"model {source.path!r} is not a local folder, not in the Hugging Face cache, and the hub could not "
+        "be reached. Pass a local folder (model.name: /path/to/model), a .gguf file, or 'embedded'."
+    )
+    if not _hub_reachable():  # fail in seconds: the hub client would retry for over a minute
+        raise missing
     try:
         return cls.from_pretrained(source.path, **kwargs)
     except OSError as exc:
-        raise ModelError(
-            f"model {source.path!r} is not a local folder, not in the Hugging Face cache, and the hub could not "
-            "be reached. Pass a local folder (model.name: /path/to/model), a .gguf file, or 'embedded'."
-        ) from exc
+        raise missing from exc
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a direct probe says nothing about a proxied route: let the hub client try
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True

@@ -174,7 +174,9 @@ def _step(
     total = 0.0
     for batch in batches:
         with accelerator.autocast():
-            out = model(**batch, num_items_in_batch=max(n_items, 1))
+            # use_cache=False: with a cache, transformers ignores the restarting position_ids of packed rows,
+            # and packed examples would attend to each other.
+            out = model(**batch, num_items_in_batch=max(n_items, 1), use_cache=False)
         accelerator.backward(out.loss)
         total += float(out.loss.detach())
     grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
