@@ -74,6 +74,31 @@ def train_cmd(
     out.print(f"report:  {summary.report}\nadapter: {summary.adapter}\nmerged:  {summary.merged or '(not mergeable)'}")
 
 
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    spec: Annotated[Path, typer.Argument(help="A job spec: its model, scenario and validation data are used.")],
+    tuned: Annotated[
+        Path | None, typer.Option("--adapter", "-a", help="An adapter, merged or fully fine-tuned model folder.")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where report.html/png go.")] = Path("runs/eval"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set model.name=...")] = None,
+) -> None:
+    """Score a model (and a tuned version of it) on a scenario; write the before/after report."""
+    from tunelab.config import load_spec
+    from tunelab.evaluate_job import run_eval
+
+    result = run_eval(load_spec(spec, set_), tuned, out_dir, console)
+    table = Table(title="base / tuned (validation)")
+    for col in ("metric", "base", "tuned"):
+        table.add_column(col)
+    after = result.tuned.metrics if result.tuned else {}
+    for key, value in result.base.metrics.items():
+        table.add_row(key, f"{value:.4f}", f"{after[key]:.4f}" if key in after else "-")
+    out.print(table)
+    out.print(f"report: {result.report}")
+
+
 @app.command("export")
 @friendly_errors
 def export_cmd(

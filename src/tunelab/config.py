@@ -43,15 +43,22 @@ class MethodSpec(_Spec):
     num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prompt_tuning / prefix_tuning.")
 
 
+Scenario = Literal["chat", "classification", "ner", "translation", "qa", "domain", "creative"]
+
+
 class TaskSpec(_Spec):
-    scenario: Literal["chat"] = Field("chat", description="What the model learns to do.")
+    scenario: Scenario = Field("chat", description="What the model learns to do.")
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on system/user tokens (default: assistant/completion only)."
     )
+    instruction: str | None = Field(None, description="System message for the scenario (default: the scenario's).")
+    labels: list[str] | None = Field(None, description="classification: the label set (default: read from the data).")
+    source_lang: str | None = Field(None, description="translation: source language (default: from the data).")
+    target_lang: str | None = Field(None, description="translation: target language (default: from the data).")
 
 
 class DataSpec(_Spec):
-    train: Path = Field(..., description="Training file (JSONL).")
+    train: Path = Field(..., description="Training file (JSONL; CSV and Parquet too, except for chat).")
     validation: Path | None = Field(None, description="Validation file; default: hold out `validation_split`.")
     validation_split: float = Field(0.1, gt=0, lt=1, description="Fraction held out when no validation file.")
     format: Literal["auto", "messages", "prompt_completion"] = Field("auto", description="Row format.")
@@ -85,7 +92,8 @@ class EvalSpec(_Spec):
     enabled: bool = Field(True, description="Evaluate before and after training.")
     max_examples: int | None = Field(None, gt=0, description="Cap on validation examples scored.")
     samples: int = Field(4, ge=0, description="Sample generations shown side by side in the report.")
-    max_new_tokens: int = Field(48, gt=0, description="Length of each sample generation.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Generation length (default: the scenario's).")
+    generations: int = Field(50, ge=0, description="Validation examples generated and scored by the task metric.")
 
 
 class JobSpec(_Spec):

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.data.formats import ChatExample
 from tunelab.data.packing import Row, collate
-from tunelab.data.render import IGNORE, encode_prompt, generation_prompt
+from tunelab.data.render import IGNORE, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,33 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
     return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
 
 
-def sample_generations(
+@torch.no_grad()
+def generate_batch(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[ChatExample],
+    prompts: list[str],
     max_new_tokens: int,
-) -> list[Generation]:
-    results = []
-    for example in examples:
-        prompt, reference = generation_prompt(example, tokenizer)
-        results.append(Generation(prompt, reference, generate(model, tokenizer, prompt, max_new_tokens)))
-    return results
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy continuations of many prompts, left-padded in batches of similar length (same output as one by one)."""
+    model.eval()
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths waste less padding
+    outputs: dict[int, str] = {}
+    pad = int(tokenizer.pad_token_id)
+    for start in range(0, len(order), batch_size):
+        group = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in group)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in group])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in group])
+        out = model.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, index in zip(out, group, strict=True):
+            outputs[index] = str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip()
+    return [outputs[i] for i in range(len(prompts))]

@@ -21,7 +21,7 @@ from tunelab.config import JobSpec
 from tunelab.export.merge import save_adapter, save_merged
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import load_model, load_tokenizer, resolve
-from tunelab.report import Sample, write_report
+from tunelab.report import Sample, confusion_png, write_report
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.loop import TrainResult, train
@@ -129,7 +129,7 @@ def _evaluate_once(
         saved = json.loads(cache.read_text(encoding="utf-8"))
         from tunelab.evaluate import Generation
 
-        return Evaluation(saved["metrics"], [Generation(**g) for g in saved["samples"]])
+        return Evaluation(saved["metrics"], [Generation(**g) for g in saved["samples"]], saved.get("details", {}))
     evaluation = _evaluate(task, model, tokenizer, data, spec, console, label)
     cache.write_text(json.dumps(asdict(evaluation), indent=1), encoding="utf-8")
     return evaluation
@@ -197,8 +197,19 @@ def _report(
         samples=samples,
         info=info,
         lower_is_better=task.lower_is_better,
+        figures=_figures(before, after),
     )
     return paths.html
+
+
+def _figures(before: Evaluation, after: Evaluation | None) -> dict[str, bytes]:
+    """Task-specific pictures: the confusion matrices of a classification run."""
+    if "confusion" not in before.details:
+        return {}
+    matrices = {"before": before.details["confusion"]}
+    if after is not None and "confusion" in after.details:
+        matrices["after"] = after.details["confusion"]
+    return {"Confusion matrix": confusion_png(before.details["labels"], matrices)}
 
 
 def _summary(

@@ -54,7 +54,9 @@ def write_report(
     samples: list[Sample],
     info: dict[str, str],
     lower_is_better: frozenset[str],
+    figures: dict[str, bytes] | None = None,
 ) -> ReportPaths:
+    """`figures`: further PNG pictures (title -> bytes), e.g. confusion matrices, embedded after the main one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_png(before, after, history)
     paths = ReportPaths(html=out_dir / "report.html", png=out_dir / "report.png")
@@ -65,6 +67,7 @@ def write_report(
         metrics=metric_rows(before, after, lower_is_better),
         has_after=after is not None,
         png_b64=base64.b64encode(png).decode("ascii"),
+        figures={k: base64.b64encode(v).decode("ascii") for k, v in (figures or {}).items()},
         samples=samples,
         missing=MISSING,
     )
@@ -196,7 +199,9 @@ img { max-width: 100%; }
 {% endif %}{% if not has_after %}<p class="missing">no values after training</p>
 {% endif %}
 <img alt="metrics before and after training, and the training loss" src="data:image/png;base64,{{ png_b64 }}">
-
+{% for name, data in figures.items() %}<h2>{{ name }}</h2>
+<img alt="{{ name }}" src="data:image/png;base64,{{ data }}">
+{% endfor %}
 <h2>Samples</h2>
 {% if samples %}<table class="samples">
 <tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>
@@ -208,3 +213,26 @@ img { max-width: 100%; }
 </html>
 """
 )
+
+
+def confusion_png(labels: list[str], matrices: dict[str, list[list[int]]]) -> bytes:
+    """Confusion matrices side by side (e.g. before / after): rows are gold labels, columns predictions, the last
+    column answers that were no label."""
+    fig = Figure(figsize=(4.2 * len(matrices), 3.6))
+    FigureCanvasAgg(fig)
+    columns = [*labels, "(other)"]
+    for index, (name, matrix) in enumerate(matrices.items()):
+        ax = fig.add_subplot(1, len(matrices), index + 1)
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("gold")
+        ax.set_title(name)
+        for row, values in enumerate(matrix):
+            for col, value in enumerate(values):
+                ax.text(col, row, str(value), ha="center", va="center", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,3 +59,50 @@ def read_jsonl(path: Path) -> list[Row]:
     if problems:
         raise DataError(problems)
     return rows
+
+
+FORMATS = {".jsonl": "JSON Lines", ".json": "JSON Lines", ".csv": "CSV", ".parquet": "Parquet"}
+
+
+def file_format(path: Path) -> str:
+    """The name of a data file's format, from its extension (named in every error about the file)."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            [Problem(str(path), f"unknown file type {path.suffix!r}", "use .jsonl, .csv or .parquet", "unknown_format")]
+        )
+    return fmt
+
+
+def read_records(path: Path) -> list[Row]:
+    """Rows of a JSONL, CSV or Parquet file as dicts, each with the line (CSV, JSONL) or row number (Parquet)."""
+    fmt = file_format(path)
+    if not path.is_file():
+        raise DataError([Problem(str(path), f"no such {fmt} file", "check data.train / data.validation")])
+    if fmt == "CSV":
+        return _read_csv(path)
+    if fmt == "Parquet":
+        return _read_parquet(path)
+    return read_jsonl(path)
+
+
+def _read_csv(path: Path) -> list[Row]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            # line_num after a record is the line it ended on; a header occupies line 1.
+            return [Row(reader.line_num, dict(record)) for record in reader]
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(
+                [Problem(f"{path.name}:{reader.line_num}", f"CSV: {exc}", "save the file as UTF-8 CSV")]
+            ) from exc
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq  # imported here: only Parquet users pay for it
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError([Problem(path.name, f"Parquet: {exc}", "check that the file is Parquet")]) from exc
+    return [Row(i + 1, record) for i, record in enumerate(table.to_pylist())]

@@ -6,7 +6,7 @@ Each scenario is one module with a class satisfying `Task`; `get_task(name)` fin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +31,7 @@ class TaskData:
 class Evaluation:
     metrics: dict[str, float]
     samples: list[Generation]
+    details: dict[str, Any] = field(default_factory=dict)  # task-specific, e.g. a confusion matrix
 
 
 class Task(Protocol):
@@ -45,7 +46,25 @@ class Task(Protocol):
 
 
 def get_task(name: str) -> Task:
+    """The scenario's task (names are checked by the JobSpec's type first)."""
     from tunelab.tasks.chat import ChatTask
+    from tunelab.tasks.classification import ClassificationTask
+    from tunelab.tasks.creative import CreativeTask
+    from tunelab.tasks.domain import DomainTask
+    from tunelab.tasks.ner import NerTask
+    from tunelab.tasks.qa import QaTask
+    from tunelab.tasks.translation import TranslationTask
 
-    tasks: dict[str, Task] = {"chat": ChatTask()}
-    return tasks[name]  # the spec's Literal type has already refused unknown names
+    tasks: dict[str, Task] = {
+        t.name: t
+        for t in (
+            ChatTask(),
+            ClassificationTask(),
+            NerTask(),
+            TranslationTask(),
+            QaTask(),
+            DomainTask(),
+            CreativeTask(),
+        )
+    }
+    return tasks[name]

@@ -1,0 +1,144 @@
+"""The shared shape of every generative scenario.
+
+A scenario turns each data row into an `Item`: a ChatExample (what is trained: a conversation, or a prompt and its
+completion) and the reference its metric needs. Training minimises the loss on the answer tokens; evaluation
+measures loss/perplexity on the validation rows, then generates answers greedily for the first
+`eval.generations` validation items and scores them with the scenario's metric. A subclass says how rows become
+items (`parse`) and how answers are scored (`score`); everything else is here.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.formats import ChatExample, Message
+from tunelab.data.packing import pack, unpacked
+from tunelab.data.readers import read_records
+from tunelab.data.render import Tokenized, generation_prompt, tokenize
+from tunelab.errors import DataError, Problem
+from tunelab.evaluate import Generation, generate_batch, language_metrics
+from tunelab.tasks import Evaluation, TaskData
+
+if TYPE_CHECKING:
+    from tunelab.config import JobSpec
+
+
+@dataclass(frozen=True)
+class Item:
+    example: ChatExample
+    reference: Any  # what `score` compares a generated answer with
+
+
+def instructed(line: int, system: str, user: str, answer: str) -> ChatExample:
+    """A one-turn conversation: the scenario's instruction, the input, the answer to learn."""
+    return ChatExample(line, messages=[Message("system", system), Message("user", user), Message("assistant", answer)])
+
+
+class GenerativeTask(ABC):
+    name: str = ""
+    lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
+    max_new_tokens: int = 48  # long enough for this scenario's answers
+    required: tuple[str, ...] = ()  # fields every row must have
+
+    @abstractmethod
+    def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
+        """One row as an Item. Raise ValueError with a message that says how to fix the row."""
+
+    @abstractmethod
+    def score(self, outputs: list[str], items: list[Item], spec: JobSpec) -> tuple[dict[str, float], dict[str, Any]]:
+        """Metrics of the generated answers, and details for the report (e.g. a confusion matrix)."""
+
+    def check(self, items: list[Item], split: str) -> list[str]:
+        """Warnings about a whole split (e.g. class imbalance)."""
+        return []
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load(self, path: Path, spec: JobSpec) -> list[Item]:
+        """Every row parsed; every bad row reported at once, with its line."""
+        items: list[Item] = []
+        problems: list[Problem] = []
+        for row in read_records(path):
+            where = f"{path.name}:{row.line}"
+            missing = [f for f in self.required if f not in row.data]
+            if missing:
+                problems.append(
+                    Problem(where, f"missing field(s) {missing}", f"{self.name} rows need {list(self.required)}")
+                )
+                continue
+            try:
+                items.append(self.parse(row.data, row.line, spec))
+            except (ValueError, TypeError) as exc:
+                problems.append(Problem(where, str(exc), code="invalid_row"))
+        if problems:
+            raise DataError(problems)
+        if not items:
+            raise DataError([Problem(str(path), "no rows", "the file is empty")])
+        return items
+
+    def split(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
+        train = self.load(spec.data.train, spec)
+        if spec.data.validation is not None:
+            return train, self.load(spec.data.validation, spec)
+        shuffled = train[:]
+        random.Random(spec.train.seed).shuffle(shuffled)
+        n_val = max(1, round(len(shuffled) * spec.data.validation_split))
+        if n_val >= len(shuffled):
+            raise DataError(
+                [Problem("data.validation_split", f"{len(train)} rows cannot be split", "give data.validation")]
+            )
+        return shuffled[n_val:], shuffled[:n_val]
+
+    # -- the Task protocol -----------------------------------------------------------------------------------
+    def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        train, val = self.split(spec)
+        warnings = self.check(train, "train")
+        train_tok = _tokenize_all(train, tokenizer, spec, warnings, "train")
+        val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation")
+        to_rows = (lambda t: pack(t, spec.train.max_seq_len)) if spec.packing else unpacked
+        return TaskData(to_rows(train_tok), to_rows(val_tok), len(train_tok), len(val_tok), warnings, list(val))
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
+    ) -> Evaluation:
+        rows = data.val_rows[: spec.eval.max_examples] if spec.eval.max_examples else data.val_rows
+        metrics = language_metrics(model, rows, tokenizer.pad_token_id, spec.packing, spec.train.batch_size)
+        items = [i for i in data.val_items if isinstance(i, Item)][: max(spec.eval.generations, spec.eval.samples)]
+        prompts = [generation_prompt(i.example, tokenizer) for i in items]
+        outputs = generate_batch(
+            model, tokenizer, [p for p, _ in prompts], spec.eval.max_new_tokens or self.max_new_tokens
+        )
+        details: dict[str, Any] = {}
+        if spec.eval.generations:
+            scored, details = self.score(outputs[: spec.eval.generations], items[: spec.eval.generations], spec)
+            metrics |= scored
+        samples = [Generation(p, ref, out) for (p, ref), out in zip(prompts, outputs, strict=True)]
+        return Evaluation(metrics, samples[: spec.eval.samples], details)
+
+
+def _tokenize_all(
+    items: list[Item], tokenizer: PreTrainedTokenizerBase, spec: JobSpec, warnings: list[str], split: str
+) -> list[Tokenized]:
+    done = [tokenize(i.example, tokenizer, spec.train.max_seq_len, spec.task.train_on_prompt) for i in items]
+    truncated = sum(t.truncated for t in done)
+    if truncated:
+        warnings.append(
+            f"{split}: {truncated} example(s) longer than train.max_seq_len={spec.train.max_seq_len} were truncated"
+        )
+    kept = [t for t in done if t.n_trained > 0]
+    if len(kept) < len(done):
+        warnings.append(
+            f"{split}: {len(done) - len(kept)} example(s) had no trained token left after truncation "
+            "and were dropped; raise train.max_seq_len"
+        )
+    if not kept:
+        raise DataError(
+            [Problem(f"data.{split}", "no example has a trained token", "check the answers and train.max_seq_len")]
+        )
+    return kept
