@@ -158,15 +158,79 @@ def chat_cmd(
         out.print(f"model> {reply}")
 
 
+@app.command("plan")
+@friendly_errors
+def plan_cmd(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A known architecture (smollm2-135m, phi-3-mini, "
+            "llama-3-8b), 'embedded', or a model folder (config only).",
+        ),
+    ] = "embedded",
+    method: Annotated[
+        str, typer.Option(help="lora, qlora or full (other adapters cost about what lora does).")
+    ] = "lora",
+    seq_len: Annotated[int, typer.Option(min=1)] = 512,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per device per micro-batch.")] = 8,
+    devices: Annotated[int, typer.Option(min=1)] = 1,
+    device_memory: Annotated[float, typer.Option(help="GiB per device (default: this machine's RAM).")] = 0.0,
+    tflops: Annotated[float, typer.Option(help="Device TFLOP/s (default: measured here, fp32 matmul).")] = 0.0,
+    bf16: Annotated[bool, typer.Option(help="bf16 weights and activations (GPUs).")] = False,
+    checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+) -> None:
+    """Will it fit? Memory per device and time per step for each method and strategy, and a recommendation."""
+    import os
+
+    from tunelab.plan import GiB, load_config, measure_flops, model_shape, plan_table, recommend
+
+    shape = model_shape(load_config(model))
+    memory = device_memory or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    flops = tflops * 1e12 if tflops else measure_flops()
+    common = {"rank": rank, "bf16": bf16, "checkpointing": checkpointing, "flops": flops}
+    out.print(
+        f"{model}: {shape.params:,} parameters, {shape.layers} layers; {memory:.1f} GiB per device, "
+        f"{flops / 1e12:.2f} TFLOP/s per device ({'given' if tflops else 'measured fp32 matmul'})"
+    )
+    table = Table(title=f"memory per device (GiB), seq {seq_len} x batch {batch}")
+    for col in ("method", "strategy", "weights", "grads", "optimizer", "activations", "total", "s/step", "fits"):
+        table.add_column(col)
+    rows = plan_table(shape, seq_len=seq_len, batch=batch, devices=devices, device_memory_gib=memory, **common)
+    for est, fits in rows:
+        parts = (est.weights, est.gradients, est.optimizer, est.activations, est.total)
+        name = f"[bold]{est.method}[/]" if est.method == method else est.method  # the method asked about
+        table.add_row(name, est.strategy, *(f"{p / GiB:.2f}" for p in parts),
+                      f"{est.seconds_per_step:.2f}", "yes" if fits else "[red]no[/]")  # fmt: skip
+    out.print(table)
+    best = recommend(rows)
+    out.print(f"recommended: {best.method} with {best.strategy}" if best else "nothing fits: add devices or memory")
+
+
 @app.command("methods")
-def methods_cmd() -> None:
-    """List the fine-tuning methods."""
-    from tunelab.methods import get_method, method_names
+@friendly_errors
+def methods_cmd(
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Also count each method's trainable parameters on this model.")
+    ] = None,
+) -> None:
+    """List the fine-tuning methods (with --model: trainable / total parameters of each, with default options)."""
+    from tunelab.config import MethodSpec
+    from tunelab.methods import apply_method, count_parameters, get_method, method_names
+    from tunelab.models import load_model, resolve
 
     table = Table("method", "mergeable", "what it trains")
+    if model:
+        table.add_column("trainable / total")
     for name in method_names():
         info = get_method(name)
-        table.add_row(name, "yes" if info.mergeable else "no", info.description)
+        row = [name, "yes" if info.mergeable else "no", info.description]
+        if model:
+            trainable, total = count_parameters(apply_method(load_model(resolve(model)), MethodSpec(name=name)))
+            row.append(f"{trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+        table.add_row(*row)
     out.print(table)
 
 

@@ -41,6 +41,9 @@ class MethodSpec(_Spec):
         "Phi-3 qkv_proj/o_proj/gate_up_proj/down_proj).",
     )
     num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prompt_tuning / prefix_tuning.")
+    bits: Literal[4, 8] = Field(4, description="qlora: quantise the base to 4-bit NF4 (double quant.) or 8-bit.")
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="qlora: dtype of the matmuls.")
+    dora: bool = Field(False, description="qlora: train a DoRA instead of a LoRA on the quantised base.")
 
 
 Scenario = Literal["chat", "classification", "ner", "translation", "qa", "domain", "creative"]

@@ -117,9 +117,12 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(source: ModelSource) -> PreTrainedModel:
+def load_model(source: ModelSource, quantization: Any = None) -> PreTrainedModel:
+    """The model in fp32 (the fast dtype on CPUs without AMX); `quantization` is a transformers quantisation
+    config (QLoRA) applied while loading, so full-precision weights never all sit in memory at once."""
+    extra = {"quantization_config": quantization} if quantization is not None else {}
     model: PreTrainedModel = _from_pretrained(
-        AutoModelForCausalLM, source, dtype=torch.float32, attn_implementation="sdpa"
+        AutoModelForCausalLM, source, dtype=torch.float32, attn_implementation="sdpa", **extra
     )
     if source.gguf_file and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # dequantised on load: saving must not claim GGUF quantisation

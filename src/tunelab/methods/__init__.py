@@ -29,6 +29,7 @@ class MethodInfo:
     mergeable: bool = True  # can the update be folded into the base weights?
     prompt_learning: bool = False  # prepends virtual tokens: packing does not apply
     peft: bool = True  # False: the model itself is trained and saved (full fine-tuning)
+    quantized: bool = False  # the base is quantised while loading (QLoRA)
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -63,7 +64,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # Importing the families registers them.
-from tunelab.methods import full, peft_methods  # noqa: E402
+from tunelab.methods import full, peft_methods, qlora  # noqa: E402
 
 __all__ = [
     "MethodInfo",
@@ -73,5 +74,6 @@ __all__ = [
     "get_method",
     "method_names",
     "peft_methods",
+    "qlora",
     "register_method",
 ]
