@@ -35,6 +35,8 @@ def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
         "--set",
         "eval.samples=1",
         "--set",
+        "eval.generations=4",
+        "--set",
         "eval.max_new_tokens=8",
         "--set",
         f"output_dir={out}",

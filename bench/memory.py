@@ -1,0 +1,91 @@
+"""Peak memory of LoRA (fp32) vs QLoRA vs full fine-tuning on the embedded model, each measured in its own process
+in this run, next to `tunelab plan`'s estimate for the same configuration.
+
+    .venv/bin/python bench/memory.py [--steps 3] [--seq-len 256] [--batch 4]
+
+Prints, per method: peak RSS (what the OS had to give; the plan is compared with it), peak private memory (RSS
+minus file-backed pages, i.e. without a memory-mapped checkpoint), the plan's estimate and its error, and the
+ratios to LoRA fp32.
+Goals: QLoRA <= 0.35 x LoRA fp32 peak; plan within +-25 % of measured on at least 3 configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = ("lora", "qlora", "full")
+
+
+def child(method: str, steps: int, seq_len: int, batch: int) -> None:
+    """Train `steps` steps with `method` and print peak RSS and private memory (MiB) as JSON."""
+    import torch
+
+    from tunelab.config import MethodSpec
+    from tunelab.methods import apply_method, get_method
+    from tunelab.methods.qlora import quantization_config
+    from tunelab.models import load_model, resolve
+
+    spec = MethodSpec(name=method)
+    quant = quantization_config(spec) if get_method(method).quantized else None
+    model = apply_method(load_model(resolve("embedded"), quant), spec)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(100, 40000, (batch, seq_len))
+    peak_private = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        peak_private = max(peak_private, _private_mib())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rss": rss, "private": peak_private, "s_per_step": (time.perf_counter() - start) / steps}))
+
+
+def _private_mib() -> float:
+    """Anonymous (private) resident memory: RSS without file-backed pages such as a memory-mapped checkpoint."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["RssAnon"].split()[0]) / 1024
+
+
+def planned_mib(method: str, seq_len: int, batch: int) -> float:
+    from tunelab.plan import KNOWN, estimate, model_shape
+
+    return estimate(model_shape(KNOWN["smollm2-135m"]), method, seq_len=seq_len, batch=batch).total / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--child", choices=METHODS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.seq_len, args.batch)
+        return
+    results = {}
+    for method in METHODS:  # one process each: peak RSS is per process and never goes down
+        cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps)]
+        cmd += ["--seq-len", str(args.seq_len), "--batch", str(args.batch)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[method] = json.loads(out.strip().splitlines()[-1])
+    base = results["lora"]
+    print(f"embedded model, seq {args.seq_len} x batch {args.batch}, {args.steps} steps (MiB)")
+    print(f"{'method':8} {'peak RSS':>9} {'private':>9} {'plan':>8} {'plan err':>9} {'RSS/LoRA':>9} {'priv/LoRA':>9}")
+    for method, r in results.items():
+        plan = planned_mib(method, args.seq_len, args.batch)
+        print(
+            f"{method:8} {r['rss']:9.0f} {r['private']:9.0f} {plan:8.0f} {100 * (plan / r['rss'] - 1):+8.0f}% "
+            f"{r['rss'] / base['rss']:9.2f} {r['private'] / base['private']:9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

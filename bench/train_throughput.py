@@ -1,0 +1,181 @@
+"""Training throughput: tunelab vs TRL's SFTTrainer + PEFT on the same work, alternated in one run.
+
+    .venv/bin/pip install -e '.[bench]'    # TRL, for the baseline only
+    .venv/bin/python bench/train_throughput.py [--model embedded] [--steps 12] [--rounds 2]
+
+Same model, bundled chat data, LoRA (r=16, alpha 32, all seven projections), maximum length, batch, learning rate
+and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and at its best
+(`packing=True`, padding-free). The loss covers every token in all three (TRL's default; tunelab with
+`task.train_on_prompt`), so final losses compare like with like. Each run is its own process (peak RSS is per
+process). Prints real tokens/s (padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and
+tunelab's model-FLOPs utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data/chat/train.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("tunelab", "trl-padded", "trl-packed")
+LR = 5e-4
+
+
+def run_tunelab(model: str, steps: int, seq_len: int, batch: int, out: Path) -> dict[str, float]:
+    from tunelab.config import load_spec
+    from tunelab.recipe import run_job
+
+    base = {
+        "model": {"name": model},
+        "method": {"name": "lora", "r": 16, "alpha": 32},
+        "task": {"scenario": "chat", "train_on_prompt": True},
+        "data": {"train": str(DATA), "validation_split": 0.05},
+        "train": {"max_steps": steps, "batch_size": batch, "lr": LR, "max_seq_len": seq_len, "seed": 0},
+        "eval": {"enabled": False},
+        "output_dir": str(out),
+    }
+    run_job(load_spec(None, base=base))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens": rows[-1]["tokens"], "seconds": rows[-1]["elapsed_s"], "losses": [r["loss"] for r in rows]}
+
+
+def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, packed: bool) -> dict[str, float]:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from tunelab.models import load_model, load_tokenizer, resolve
+
+    source = resolve(model)
+    config = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # a float is a ratio of the total steps in transformers 5
+        max_length=seq_len,
+        packing=packed,
+        padding_free=packed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    timer = _StepTimer()
+    trainer = SFTTrainer(
+        model=load_model(source),
+        args=config,
+        train_dataset=load_dataset("json", data_files=str(DATA), split="train"),
+        processing_class=load_tokenizer(source),
+        peft_config=lora,
+        callbacks=[timer],
+    )
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {"tokens": trainer.state.num_input_tokens_seen, "seconds": timer.seconds, "losses": losses}
+
+
+class _StepTimer(TrainerCallback):
+    """Time spent inside training steps only (like tunelab's elapsed_s): no setup, no data preparation."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_step_begin(self, *args: object, **kwargs: object) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *args: object, **kwargs: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def child(variant: str, model: str, steps: int, seq_len: int, batch: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if variant == "tunelab":
+            result = run_tunelab(model, steps, seq_len, batch, Path(tmp))
+        else:
+            result = run_trl(model, steps, seq_len, batch, Path(tmp), packed=variant == "trl-packed")
+    result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def _tiny_model() -> str:
+    """The test suite's 2-layer Llama, built in a temporary folder (kept for the children of this run)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import build_tiny_llama, build_tiny_tokenizer
+
+    out = Path(tempfile.mkdtemp(prefix="tunelab-tiny-"))
+    return str(build_tiny_llama(out / "model", build_tiny_tokenizer(out / "tokenizer")))
+
+
+def model_params(model: str) -> int:
+    from tunelab.models import load_model, resolve
+
+    return sum(p.numel() for p in load_model(resolve(model)).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=VARIANTS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.model, args.steps, args.seq_len, args.batch)
+        return
+    from tunelab.plan import measure_flops
+
+    if args.model == "tiny":
+        args.model = _tiny_model()
+    peak = measure_flops(2048, 4)
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    for round_ in range(args.rounds):
+        for variant in VARIANTS:  # alternated, so drift in machine load hits every variant alike
+            cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--steps", str(args.steps)]
+            cmd += ["--seq-len", str(args.seq_len), "--batch", str(args.batch)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            runs[variant].append(json.loads(line[7:]))
+            r = runs[variant][-1]
+            print(f"round {round_ + 1} {variant:11} {r['tokens'] / r['seconds']:7.1f} tokens/s", flush=True)
+    _report(runs, args, peak, model_params(args.model))
+
+
+def _report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, peak: float, params: int) -> None:
+    tps = {v: statistics.median(r["tokens"] / r["seconds"] for r in rs) for v, rs in runs.items()}
+    print(f"\n{args.model}: LoRA r16, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds")
+    print(f"{'variant':12} {'tokens/s':>9} {'tunelab/x':>10} {'peak RSS MiB':>13} {'final loss':>11}")
+    for variant, rs in runs.items():
+        loss = statistics.mean(statistics.mean(r["losses"][-3:]) for r in rs)  # last 3 steps: less noise
+        rss = max(r["rss_mib"] for r in rs)
+        print(f"{variant:12} {tps[variant]:9.1f} {tps['tunelab'] / tps[variant]:10.2f} {rss:13.0f} {loss:11.4f}")
+    # LoRA: forward 2P + backward through activations 2P FLOPs per token (no weight gradients for the base).
+    achieved = 4 * params * tps["tunelab"]
+    print(
+        f"machine fp32 matmul: {peak / 1e9:.1f} GFLOP/s; "
+        f"tunelab: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% MFU"
+    )
+
+
+if __name__ == "__main__":
+    main()
