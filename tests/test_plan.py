@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.plan import GiB, KNOWN, estimate, model_shape
+from tunelab.plan import KNOWN, GiB, estimate, model_shape
 
 runner = CliRunner()
 

@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunelab.errors import TunelabError
+from tunelab.export.onnx_cli import export_onnx_cmd
+from tunelab.serve.cli import serve_cmd
 
 app = typer.Typer(
     help="Fine-tune small language models for real tasks.",
@@ -22,6 +24,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check and preview training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(help="Export a fine-tuned model: merged Hugging Face model, or ONNX (export onnx).")
+app.add_typer(export_app, name="export")
 console = Console(stderr=True)
 out = Console()
 
@@ -99,15 +103,18 @@ def eval_cmd(
     out.print(f"report: {result.report}")
 
 
-@app.command("export")
+@export_app.callback(invoke_without_command=True)
 @friendly_errors
 def export_cmd(
+    ctx: typer.Context,
     run: Annotated[Path | None, typer.Option(help="A run's output_dir: merges its adapter into its base.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (with --adapter).")] = None,
     adapter: AdapterOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where the merged model goes.")] = None,
 ) -> None:
     """Merge an adapter into its base model and save it in Hugging Face format."""
+    if ctx.invoked_subcommand is not None:
+        return
     from tunelab.export.merge import save_merged
     from tunelab.inference import load_for_inference, run_base_and_adapter
 
@@ -115,6 +122,10 @@ def export_cmd(
     target = out_dir or (run / "merged" if run else Path("merged"))
     loaded, tokenizer = load_for_inference(base_name, adapter_dir)
     out.print(f"merged model: {save_merged(loaded, tokenizer, target)}")
+
+
+export_app.command("onnx")(friendly_errors(export_onnx_cmd))
+app.command("serve")(friendly_errors(serve_cmd))
 
 
 @app.command("generate")
@@ -125,10 +136,19 @@ def generate_cmd(
     adapter: AdapterOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     raw: Annotated[bool, typer.Option(help="Continue the text as is, without the chat template.")] = False,
+    onnx: Annotated[Path | None, typer.Option(help="Generate with an ONNX export (tunelab export onnx).")] = None,
 ) -> None:
     """Generate greedily from the base model or the fine-tuned one."""
     from tunelab.evaluate import generate
     from tunelab.inference import chat_prompt, load_for_inference
+
+    if onnx is not None:
+        from tunelab.export.onnx import generate_onnx
+
+        if adapter is not None:
+            raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
+        out.print(generate_onnx(onnx, prompt, max_new_tokens, raw=raw))
+        return
 
     loaded, tokenizer = load_for_inference(model, adapter)
     text = prompt if raw else chat_prompt(tokenizer, [{"role": "user", "content": prompt}])

@@ -114,7 +114,8 @@ def load_config(model: str) -> PretrainedConfig:
     from tunelab.models import resolve
 
     source = resolve(model)
-    return AutoConfig.from_pretrained(source.path, local_files_only=True)  # type: ignore[no-any-return]
+    config: PretrainedConfig = AutoConfig.from_pretrained(source.path, local_files_only=True)
+    return config
 
 
 def estimate(

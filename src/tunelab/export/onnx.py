@@ -1,0 +1,250 @@
+"""ONNX export in onnxruntime-genai's layout, running the export, and checking it against PyTorch.
+
+The export is onnxruntime-genai's model builder run on the merged Hugging Face model: it writes `model.onnx`
+(+ external data), `genai_config.json` and the tokenizer files, which is what `onnxruntime_genai.Model` opens.
+int4 and int8 are its weight-only MatMulNBits quantisation (block 32, int8 activations on CPU); on the embedded
+model int4 is the fastest and int8 the closer to PyTorch's answers (bench/onnx.py and docs/deploy.md have figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.render import encode_prompt
+from tunelab.errors import TunelabError
+from tunelab.export.merge import save_merged
+from tunelab.inference import chat_prompt, load_for_inference
+from tunelab.models import load_tokenizer, resolve
+
+Precision = Literal["fp32", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+GENAI_CONFIG = "genai_config.json"
+MANIFEST = "tunelab_onnx.json"
+
+# A fixed prompt set for parity and speed: short chat questions of the kind the embedded model answers.
+PARITY_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Explain what a CPU does in a computer.",
+    "Give me three tips for writing clear emails.",
+    "What is the difference between weather and climate?",
+    "Write a haiku about autumn leaves.",
+    "How do I make a cup of green tea?",
+    "Why is the sky blue?",
+    "Summarise the rules of chess in two sentences.",
+)
+
+
+def export_onnx(
+    model: str, out: Path, precision: str = "int4", adapter: Path | None = None, overwrite: bool = False
+) -> Path:
+    """Merge `adapter` (if any) into `model` and write an onnxruntime-genai folder at `out`."""
+    if precision not in PRECISIONS:
+        raise TunelabError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise TunelabError(f"{out} already exists and is not empty: choose another --out or pass --force")
+    loaded, tokenizer = load_for_inference(model, adapter)
+    # Build into a temporary sibling and rename, so a failed export never leaves a half-written folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        staged = save_merged(loaded, tokenizer, Path(tmp) / "merged")
+        del loaded
+        built = Path(tmp) / "onnx"
+        _run_builder(staged, built, precision, Path(tmp) / "cache")
+        manifest = {"precision": precision, "model": model, "adapter": str(adapter) if adapter else None}
+        (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        built.rename(out)
+    return out
+
+
+def _run_builder(merged: Path, out: Path, precision: str, cache: Path) -> None:
+    # In a child process: the builder is a script (it imports its siblings through sys.path) that holds every
+    # tensor it writes in memory and prints progress bars; none of that belongs in the caller's process.
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out)]
+    cmd += ["-p", precision, "-e", "cpu", "-c", str(cache), "--extra_options", "hf_token=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the input is a local folder: never ask the hub
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0 or not (out / GENAI_CONFIG).is_file():
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
+        raise TunelabError(f"onnxruntime-genai's model builder failed (exit {result.returncode}):\n{tail}")
+
+
+class OnnxModel:
+    """An exported folder run by onnxruntime-genai, with the Hugging Face tokenizer saved beside it."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        import onnxruntime_genai as og
+
+        if not (folder / GENAI_CONFIG).is_file():
+            raise TunelabError(f"{folder} is not an ONNX export (no {GENAI_CONFIG}): run `tunelab export onnx`")
+        self.folder = folder
+        self.genai_config: dict[str, Any] = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
+        config = og.Config(str(folder))
+        if threads:
+            options = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+            config.overlay(json.dumps(options))
+        self.og = og
+        self.model = og.Model(config)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(resolve(str(folder)))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.genai_config["model"]["context_length"])
+
+    @property
+    def eos_ids(self) -> set[int]:
+        eos = self.genai_config["model"]["eos_token_id"]
+        return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+    def decoder(self, max_length: int) -> OnnxDecoder:
+        return OnnxDecoder(self, max_length)
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+        """Greedy continuation with onnxruntime-genai's own search loop (the fast path)."""
+        params = self.og.GeneratorParams(self.model)
+        total = len(ids) + max_new_tokens
+        params.set_search_options(max_length=total, min_length=total if ignore_eos else 0, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        tokens: list[int] = []
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        while tokens and not ignore_eos and tokens[-1] in self.eos_ids:
+            tokens.pop()
+        return tokens
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy text continuation of `prompt` (already rendered), like `tunelab.evaluate.generate`."""
+        tokens = self.greedy(encode_prompt(prompt, self.tokenizer), max_new_tokens)
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+
+
+class OnnxDecoder:
+    """One sequence run step by step: feed tokens, read the next-token logits (the caller samples)."""
+
+    def __init__(self, model: OnnxModel, max_length: int) -> None:
+        params = model.og.GeneratorParams(model.model)
+        # The KV cache is allocated for max_length up front: size it to the request, not the context window.
+        params.set_search_options(max_length=max_length)
+        self._generator: Any = model.og.Generator(model.model, params)
+
+    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
+        self._generator.append_tokens(np.array([tokens], dtype=np.int32))
+        logits = self._generator.get_logits()
+        return torch.from_numpy(np.array(logits, dtype=np.float32).reshape(-1, logits.shape[-1])[-1])
+
+    def close(self) -> None:
+        self._generator = None  # frees the KV cache now, not when the garbage collector gets to it
+
+
+def generate_onnx(folder: Path, prompt: str, max_new_tokens: int, raw: bool = False) -> str:
+    """`tunelab generate --onnx DIR`: greedy reply to a user message (or raw continuation) from an ONNX export."""
+    model = OnnxModel(folder)
+    text = prompt if raw else chat_prompt(model.tokenizer, [{"role": "user", "content": prompt}])
+    return model.generate(text, max_new_tokens)
+
+
+class SequenceLogits:
+    """Logits at every position of a sequence from one ONNX Runtime pass with an empty KV cache: the parity
+    check's view of an export, independent of onnxruntime-genai's generation loop."""
+
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime as ort
+
+        self.config = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
+        self.session = ort.InferenceSession(str(folder / self.config["filename"]), providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        n = len(ids)
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.session.get_inputs():
+            if spec.name == "input_ids":
+                feeds[spec.name] = np.array([ids], dtype=np.int64)
+            elif spec.name == "attention_mask":
+                feeds[spec.name] = np.ones((1, n), dtype=np.int64)
+            elif spec.name == "position_ids":
+                feeds[spec.name] = np.arange(n, dtype=np.int64)[None]
+            elif spec.name.startswith("past_key_values"):
+                dtype = np.float16 if "float16" in spec.type else np.float32
+                shape = (1, self.config["num_key_value_heads"], 0, self.config["head_size"])
+                feeds[spec.name] = np.zeros(shape, dtype=dtype)
+        logits = self.session.run(["logits"], feeds)[0]
+        return np.asarray(logits[0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often the ONNX model's greedy token equals PyTorch's, over a prompt set.
+
+    `rate` is teacher-forced: along PyTorch's greedy continuation, the share of positions where the ONNX
+    model's top token is the same (one early difference does not count against every later token).
+    `exact` counts prompts whose free-running ONNX greedy continuation equals PyTorch's token for token.
+    """
+
+    rate: float
+    exact: int
+    prompts: int
+    tokens: int
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] = PARITY_PROMPTS) -> list[list[int]]:
+    """The fixed prompt set rendered with the model's chat template, as token ids."""
+    return [encode_prompt(chat_prompt(tokenizer, [{"role": "user", "content": p}]), tokenizer) for p in prompts]
+
+
+@torch.inference_mode()
+def logits_max_abs_diff(model: torch.nn.Module, folder: Path, prompts: Sequence[Sequence[int]]) -> float:
+    """Largest |ONNX - PyTorch| logit over every position of every prompt."""
+    onnx_logits, worst = SequenceLogits(folder), 0.0
+    for ids in prompts:
+        reference = model(torch.tensor([list(ids)])).logits[0].float().numpy()
+        worst = max(worst, float(np.abs(onnx_logits(ids) - reference).max()))
+    return worst
+
+
+@torch.inference_mode()
+def greedy_agreement(
+    model: torch.nn.Module, folder: Path, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
+) -> Agreement:
+    runner, onnx_logits = OnnxModel(folder), SequenceLogits(folder)
+    matches = total = exact = 0
+    for ids in prompts:
+        reference = torch_greedy(model, ids, max_new_tokens)  # ends with EOS when the model stopped
+        sequence = [*ids, *reference]
+        predicted = onnx_logits(sequence[:-1])[len(ids) - 1 :].argmax(-1)
+        matches += int((predicted == np.array(reference)).sum())
+        total += len(reference)
+        stripped = reference[:-1] if reference and reference[-1] in runner.eos_ids else reference
+        exact += int(runner.greedy(ids, max_new_tokens) == stripped)
+    return Agreement(rate=matches / total, exact=exact, prompts=len(prompts), tokens=total)
+
+
+@torch.inference_mode()
+def torch_greedy(
+    model: torch.nn.Module, ids: Sequence[int], max_new_tokens: int, ignore_eos: bool = False
+) -> list[int]:
+    """PyTorch's greedy continuation; with `ignore_eos`, exactly `max_new_tokens` tokens (equal lengths to time)."""
+    x = torch.tensor([list(ids)])
+    out = model.generate(  # type: ignore[operator]
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if ignore_eos else 0,
+        do_sample=False,
+    )
+    return [int(t) for t in out[0, len(ids) :]]

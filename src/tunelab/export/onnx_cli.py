@@ -1,0 +1,33 @@
+"""`tunelab export onnx`: the command function, mounted by `tunelab.cli` (wrapped in its `friendly_errors`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+out = Console()
+
+
+def export_onnx_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the ONNX folder goes.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="'embedded', a model folder, a .gguf file or a hub id.")
+    ] = "embedded",
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder to merge in first.")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="fp32 (exact), int8 or int4 (weight-only quantised: smaller and faster).")
+    ] = "int4",
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export the (merged) model to ONNX for onnxruntime-genai: model, genai_config.json and tokenizer."""
+    from tunelab.export.onnx import export_onnx
+
+    folder = export_onnx(model, out_dir, precision=precision, adapter=adapter, overwrite=force)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    out.print(f"ONNX ({precision}): {folder}  ({size / 2**20:.1f} MiB)")
+    out.print(f"try it: tunelab generate 'hello' --onnx {folder}   or   tunelab serve --onnx {folder}")

@@ -1,0 +1,64 @@
+"""`tunelab serve`: the command function, mounted by `tunelab.cli` (wrapped in its `friendly_errors`).
+
+`serve_app` runs it on its own too: `python -m tunelab.serve.cli --model embedded`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tunelab.errors import TunelabError
+
+console = Console(stderr=True)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`NAME=PATH` pairs; a bare PATH is named after its folder."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not name or not path:
+            raise TunelabError(f"--adapter {spec!r}: expected NAME=PATH")
+        if name in adapters:
+            raise TunelabError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = Path(path).expanduser()
+    return adapters
+
+
+def serve_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Base model: 'embedded', a model folder, a .gguf file or a hub id.")
+    ] = "embedded",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="NAME=PATH of a PEFT adapter; requests choose it with model=NAME."),
+    ] = None,
+    onnx: Annotated[Path | None, typer.Option(help="Serve an ONNX export (tunelab export onnx) instead.")] = None,
+    name: Annotated[str | None, typer.Option(help="The model id of the base (default: --model or --onnx).")] = None,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept loaded at once (LRU).")] = 4,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) for a base model and adapters."""
+    import uvicorn
+
+    from tunelab.serve.app import create_app
+    from tunelab.serve.engines import build_engine
+
+    engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name)
+    console.print(f"models: {', '.join(engine.model_ids)}")
+    console.print(f"OpenAI base URL: http://{host}:{port}/v1")
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+
+
+serve_app = typer.Typer(pretty_exceptions_enable=False)
+serve_app.command("serve")(serve_cmd)
+
+if __name__ == "__main__":
+    serve_app()

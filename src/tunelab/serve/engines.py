@@ -1,0 +1,174 @@
+"""What the server generates with: a PyTorch base model with many adapters, or one ONNX export.
+
+Requests run concurrently, but each forward pass holds the engine's lock: PEFT's adapter switch and the model
+are shared state. Locking per step (not per request) interleaves requests token by token, so a long answer
+does not make a short one wait for all of it, and a client that disconnects cannot leave the lock held.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
+
+from tunelab.errors import TunelabError
+from tunelab.export.onnx import OnnxDecoder, OnnxModel
+from tunelab.models import load_model, load_tokenizer, resolve
+from tunelab.serve.adapters import AdapterRegistry, check_adapters
+from tunelab.serve.generation import Decoder
+
+
+class UnknownModel(LookupError):
+    """A request named a model this server does not have."""
+
+
+class Engine(Protocol):
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def model_ids(self) -> list[str]: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def eos_ids(self) -> set[int]: ...
+
+    def open(self, model_id: str, max_length: int) -> Decoder:
+        """A decoder for one request on `model_id`; raises UnknownModel."""
+        ...
+
+
+class TorchEngine:
+    """One base model in memory, adapters loaded on demand (PEFT multi-adapter), a bounded number kept."""
+
+    def __init__(
+        self,
+        base_id: str,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        adapters: Mapping[str, Path],
+        max_adapters: int = 4,
+    ) -> None:
+        if base_id in adapters:
+            raise TunelabError(f"adapter name {base_id!r} is the base model's name: choose another")
+        check_adapters(adapters)
+        self.base_id, self.tokenizer, self.config = base_id, tokenizer, model.config
+        self.registry = AdapterRegistry(model.eval(), adapters, max_adapters)
+        self.lock = threading.Lock()
+        self._eos = _eos_ids(model, tokenizer)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.base_id, *self.registry.paths]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return self._eos
+
+    def open(self, model_id: str, max_length: int) -> Decoder:
+        if model_id == self.base_id:
+            return TorchDecoder(self, None)
+        if model_id not in self.registry.paths:
+            raise UnknownModel(model_id)
+        return TorchDecoder(self, model_id)
+
+
+class TorchDecoder:
+    """One request on the shared model. Its adapter is taken on the first step, not when the request opens:
+    a stream that a client drops before it starts then never holds an adapter in memory."""
+
+    def __init__(self, engine: TorchEngine, adapter: str | None) -> None:
+        self.engine, self.adapter = engine, adapter
+        self.cache: Cache | None = None  # this request's own KV cache, computed with its own adapter
+        self.holds_adapter = False
+
+    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
+        with self.engine.lock, torch.inference_mode():
+            if self.adapter is not None and not self.holds_adapter:
+                self.engine.registry.acquire(self.adapter)
+                self.holds_adapter = True
+            model = self.engine.registry.activate(self.adapter)
+            # logits_to_keep=1: only the next token's logits; the whole prompt's would cost a vocab-sized matmul each.
+            ids = torch.tensor([list(tokens)])
+            out = model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[0, -1].float()
+
+    def close(self) -> None:
+        self.cache = None
+        if self.holds_adapter:
+            with self.engine.lock:
+                self.engine.registry.release(str(self.adapter))
+            self.holds_adapter = False
+
+
+class OnnxEngine:
+    """One ONNX export (adapters are merged into it at export time)."""
+
+    def __init__(self, base_id: str, model: OnnxModel) -> None:
+        self.base_id, self.model, self.tokenizer = base_id, model, model.tokenizer
+        self.lock = threading.Lock()
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.base_id]
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.model.eos_ids
+
+    def open(self, model_id: str, max_length: int) -> Decoder:
+        if model_id != self.base_id:
+            raise UnknownModel(model_id)
+        with self.lock:
+            return LockedDecoder(self.model.decoder(max_length), self.lock)
+
+
+class LockedDecoder:
+    def __init__(self, decoder: OnnxDecoder, lock: threading.Lock) -> None:
+        self.decoder, self.lock = decoder, lock
+
+    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
+        with self.lock:
+            return self.decoder.feed(tokens)
+
+    def close(self) -> None:
+        with self.lock:
+            self.decoder.close()
+
+
+def build_engine(
+    model: str = "embedded",
+    adapters: Mapping[str, Path] | None = None,
+    onnx: Path | None = None,
+    max_adapters: int = 4,
+    name: str | None = None,
+) -> Engine:
+    """The engine `tunelab serve` runs: `name` is the model id the base answers to (default: as given)."""
+    if onnx is not None:
+        if adapters:
+            raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
+        return OnnxEngine(name or str(onnx), OnnxModel(onnx))
+    source = resolve(model)
+    return TorchEngine(name or model, load_model(source), load_tokenizer(source), adapters or {}, max_adapters)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    # Chat models often end a turn with a token the tokenizer does not call EOS: generation_config lists them.
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}

@@ -1,0 +1,162 @@
+"""ONNX export round trip on the tiny model: layout, fp32 parity with PyTorch, int4, generate and serve from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import openai
+import pytest
+import torch
+import typer
+from fastapi.testclient import TestClient
+from openai.types.chat import ChatCompletionMessageParam
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from typer.testing import CliRunner
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate import generate
+from tunelab.export.onnx import (
+    MANIFEST,
+    OnnxModel,
+    export_onnx,
+    generate_onnx,
+    greedy_agreement,
+    logits_max_abs_diff,
+    prompt_ids,
+    torch_greedy,
+)
+from tunelab.export.onnx_cli import export_onnx_cmd
+from tunelab.inference import chat_prompt
+from tunelab.serve.app import create_app
+from tunelab.serve.engines import build_engine
+
+cli = typer.Typer()
+cli.command()(export_onnx_cmd)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with random weights, so the export really has to merge it."""
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("onnx_adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir: Path, adapter: Path) -> torch.nn.Module:
+    """The PyTorch model the export must match: base + adapter, unmerged."""
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tiny_llama_dir: Path, adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    args = ["--model", str(tiny_llama_dir), "--adapter", str(adapter), "--precision", "fp32", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "ONNX (fp32)" in result.output
+    return out
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantised_dir(
+    request: pytest.FixtureRequest, tiny_llama_dir: Path, adapter: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return export_onnx(str(tiny_llama_dir), tmp_path_factory.mktemp("onnx") / request.param, request.param, adapter)
+
+
+def test_export_writes_the_onnxruntime_genai_layout(fp32_dir: Path, adapter: Path) -> None:
+    for name in ("model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (fp32_dir / name).is_file(), name
+    config = json.loads((fp32_dir / "genai_config.json").read_text())
+    assert config["model"]["type"] == "llama" and config["model"]["context_length"] == 512
+    assert json.loads((fp32_dir / MANIFEST).read_text())["adapter"] == str(adapter)
+    assert not [p for p in fp32_dir.parent.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+def test_fp32_logits_match_pytorch(
+    fp32_dir: Path, reference: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    assert logits_max_abs_diff(reference, fp32_dir, prompt_ids(tokenizer)) < 1e-3
+
+
+def test_fp32_greedy_generation_equals_pytorch(
+    fp32_dir: Path, reference: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    model = OnnxModel(fp32_dir)
+    for ids in prompt_ids(tokenizer)[:3]:
+        assert model.greedy(ids, 16, ignore_eos=True) == torch_greedy(reference, ids, 16, ignore_eos=True)
+    agreement = greedy_agreement(reference, fp32_dir, prompt_ids(tokenizer)[:3], max_new_tokens=8)
+    assert agreement.rate == 1.0 and agreement.exact == 3
+    # `tunelab generate --onnx DIR` answers as `tunelab generate --adapter A` does.
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "hello"}])
+    assert generate_onnx(fp32_dir, "hello", 12) == generate(reference, tokenizer, prompt, 12)
+
+
+def test_quantised_export_is_smaller_and_reports_agreement(
+    quantised_dir: Path, fp32_dir: Path, reference: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    graph = onnx.load_model(str(quantised_dir / "model.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+    assert (quantised_dir / "model.onnx.data").stat().st_size < (fp32_dir / "model.onnx.data").stat().st_size / 2
+    agreement = greedy_agreement(reference, quantised_dir, prompt_ids(tokenizer)[:4], max_new_tokens=8)
+    print(f"tiny model {quantised_dir.name} greedy agreement: {agreement}")  # random weights: no threshold
+    assert 0.0 <= agreement.rate <= 1.0 and agreement.tokens == 32
+    assert len(OnnxModel(quantised_dir).greedy(prompt_ids(tokenizer)[0], 8, ignore_eos=True)) == 8
+
+
+def test_serve_onnx_answers_like_pytorch(
+    fp32_dir: Path, reference: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    app = create_app(build_engine(onnx=fp32_dir, name="tiny-onnx"))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=TestClient(app), max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny-onnx"]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "what is your name"}]
+    ids = prompt_ids(tokenizer, ["what is your name"])[0]
+    expected = tokenizer.decode(torch_greedy(reference, ids, 10), skip_special_tokens=True)
+    reply = client.chat.completions.create(model="tiny-onnx", messages=messages, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == expected
+    stream = client.chat.completions.create(
+        model="tiny-onnx", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="alpha", messages=messages)
+
+
+def test_export_and_run_errors_are_clear(tiny_llama_dir: Path, fp32_dir: Path, adapter: Path, tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match="unknown precision"):
+        export_onnx(str(tiny_llama_dir), tmp_path / "x", precision="int3")
+    with pytest.raises(TunelabError, match="already exists"):
+        export_onnx(str(tiny_llama_dir), fp32_dir, precision="fp32")
+    with pytest.raises(TunelabError, match="not an ONNX export"):
+        OnnxModel(tiny_llama_dir)
+    with pytest.raises(TunelabError, match="cannot be used with --onnx"):
+        build_engine(onnx=fp32_dir, adapters={"a": adapter})
+
+
+@pytest.mark.slow
+def test_embedded_model_fp32_parity_and_int4_agreement(tmp_path: Path) -> None:
+    from tunelab.models import load_model, load_tokenizer, resolve
+
+    source = resolve("embedded")
+    model, tokenizer = load_model(source).eval(), load_tokenizer(source)
+    prompts = prompt_ids(tokenizer)
+    fp32 = export_onnx("embedded", tmp_path / "fp32", "fp32")
+    diff = logits_max_abs_diff(model, fp32, prompts)
+    int4 = export_onnx("embedded", tmp_path / "int4", "int4")
+    agreement = greedy_agreement(model, int4, prompts, max_new_tokens=32)
+    print(f"embedded: fp32 logits max |diff| {diff:.2e}; int4 greedy agreement {agreement}")
+    assert diff < 1e-3
+    assert agreement.rate > 0.5
