@@ -16,6 +16,7 @@ from rich.table import Table
 from tunelab.errors import TunelabError
 from tunelab.export.onnx_cli import export_onnx_cmd
 from tunelab.serve.cli import serve_cmd
+from tunelab.service.cli import app as service_app
 
 app = typer.Typer(
     help="Fine-tune small language models for real tasks.",
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check and preview training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(service_app, name="service")
 export_app = typer.Typer(help="Export a fine-tuned model: merged Hugging Face model, or ONNX (export onnx).")
 app.add_typer(export_app, name="export")
 console = Console(stderr=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.data.formats import detect_format, to_example
 from tunelab.data.validate import load_chat_examples
 from tunelab.metrics import rouge_l
 from tunelab.tasks.generative import GenerativeTask, Item
@@ -24,7 +25,11 @@ class ChatTask(GenerativeTask):
         return [Item(e, None) for e in examples]
 
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
-        raise NotImplementedError("chat rows are read by load()")  # never called: load() is overridden
+        """One row already checked by tunelab.data.validate (load() checks whole files first)."""
+        fmt = detect_format(row)
+        if fmt is None:
+            raise ValueError("no `messages` list (nor `prompt` and `completion`)")
+        return Item(to_example(row, line, fmt), None)
 
     def score(self, outputs: list[str], items: list[Item], spec: JobSpec) -> tuple[dict[str, float], dict[str, Any]]:
         references = [_last_answer(i) for i in items]

@@ -1,0 +1,320 @@
+"""The HTTP API in-process (FastAPI TestClient): file validation codes, job request errors, the job state machine,
+pagination, and tenant isolation on every route. One job runs to completion in-process on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from httpx import Response
+
+from service_support import DATABASES, FAST, NO_EVAL, chat_file, fresh_store
+from tunelab.service.api import create_app
+from tunelab.service.errors import ApiError
+from tunelab.service.files import sanitise_filename, save_upload
+from tunelab.service.settings import ServiceSettings
+from tunelab.service.store import Store
+from tunelab.service.worker import Worker
+
+
+@dataclass
+class Api:
+    client: TestClient
+    settings: ServiceSettings
+    store: Store
+    keys: dict[str, str]
+
+    def call(self, method: str, path: str, who: str | None = "a", **kwargs: Any) -> Response:
+        headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return self.client.request(method, f"/v1{path}", headers=headers, **kwargs)
+
+    def upload(self, content: bytes, who: str = "a", name: str = "train.jsonl") -> dict[str, Any]:
+        files = {"file": (name, content, "application/jsonl")}
+        response = self.call("POST", "/files", who, files=files, data={"purpose": "fine-tune"})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def create_job(self, file_id: str, who: str = "a", **body: Any) -> Response:
+        body = {"model": "tiny", "training_file": file_id, **body}
+        body.setdefault("tunelab", {"spec": {**FAST, **NO_EVAL}})
+        return self.call("POST", "/fine_tuning/jobs", who, json=body)
+
+
+def _api(tmp: Path, tiny_llama_dir: Path, kind: str) -> Iterator[Api]:
+    settings = ServiceSettings(
+        data_dir=tmp / "svc", models={"tiny": str(tiny_llama_dir)}, max_line_bytes=4096, max_file_bytes=300_000
+    )
+    store = fresh_store(kind, tmp)
+    with TestClient(create_app(settings, store)) as client:
+        keys = {name: store.create_key(name)[1] for name in ("a", "b")}
+        yield Api(client, settings, store, keys)
+    store.close()
+
+
+@pytest.fixture(params=DATABASES)
+def api(request: pytest.FixtureRequest, tmp_path: Path, tiny_llama_dir: Path) -> Iterator[Api]:
+    yield from _api(tmp_path, tiny_llama_dir, request.param)
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> bytes:
+    return chat_file(tmp_path / "train.jsonl").read_bytes()
+
+
+def _error(response: Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    return dict(response.json()["error"])
+
+
+def test_file_upload_list_content_delete(api: Api, good_file: bytes) -> None:
+    created = api.upload(good_file, name="../../etc/my data;rm -rf.jsonl")
+    assert created["id"].startswith("file-") and created["filename"] == "my data_rm -rf.jsonl"
+    got = api.call("GET", f"/files/{created['id']}").json()
+    assert got["status"] == "processed" and got["status_details"] == "40 valid examples"
+    assert api.call("GET", f"/files/{created['id']}/content").content == good_file
+    assert [f["id"] for f in api.call("GET", "/files").json()["data"]] == [created["id"]]
+    assert api.call("GET", "/files", params={"purpose": "fine-tune-results"}).json()["data"] == []
+    deleted = api.call("DELETE", f"/files/{created['id']}").json()
+    assert deleted == {"id": created["id"], "object": "file", "deleted": True}
+    assert _error(api.call("GET", f"/files/{created['id']}"), 404)["code"] == "file_not_found"
+    assert list((api.settings.files_dir).iterdir()) == []
+
+
+def test_sanitised_names() -> None:
+    assert sanitise_filename("C:\\Users\\x\\..\\évil\x00name.jsonl") == "évil_name.jsonl"
+    assert sanitise_filename("../..") == "upload.jsonl"
+    assert sanitise_filename(None) == "upload.jsonl"
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+BAD_FILES = {
+    "broken_json": (f'{GOOD}\n{GOOD}\n{{"messages": [\n'.encode(), "invalid_json", 3),
+    "wrong_role": (f"{GOOD}\n{GOOD.replace('user', 'robot')}\n".encode(), "unknown_role", 2),
+    "not_utf8": (f"{GOOD}\n".encode() + b'{"messages": "\xff\xfe"}\n', "invalid_encoding", 2),
+    "huge_line": (f"{GOOD}\n".encode() + GOOD.replace("hello", "x" * 5000).encode() + b"\n", "line_too_long", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_is_rejected_with_its_code_and_line(api: Api, case: str) -> None:
+    content, code, line = BAD_FILES[case]
+    uploaded = api.upload(content * 1)
+    got = api.call("GET", f"/files/{uploaded['id']}").json()
+    assert got["status"] == "error" and f"line {line}: [{code}]" in got["status_details"]
+    job = api.create_job(uploaded["id"]).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_file_format" and job["error"]["param"] == "training_file"
+    assert f"line {line}: [{code}]" in job["error"]["message"]
+
+
+def test_too_few_examples(api: Api) -> None:
+    uploaded = api.upload(f"{GOOD}\n{GOOD}\n{GOOD}\n".encode())
+    assert api.call("GET", f"/files/{uploaded['id']}").json()["status"] == "processed"
+    job = api.create_job(uploaded["id"]).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_n_examples"
+    assert job["error"]["message"] == "Training file has 3 example(s), but must have at least 10 examples"
+
+
+def test_too_large_file(api: Api, tmp_path: Path) -> None:
+    files = {"file": ("big.jsonl", b"x" * 400_000, "application/jsonl")}
+    response = api.call("POST", "/files", files=files, data={"purpose": "fine-tune"})
+    assert _error(response, 413)["code"] == "file_too_large"
+    with pytest.raises(ApiError) as caught:  # uploads without a length are cut off while copying
+        save_upload(api.settings, api.store, "p", io.BytesIO(b"x" * 400_000), "big.jsonl", "fine-tune")
+    assert caught.value.status == 413 and not any(api.settings.files_dir.iterdir())
+
+
+def test_job_request_errors(api: Api, good_file: bytes) -> None:
+    file_id = api.upload(good_file)["id"]
+    cases: list[tuple[dict[str, Any], str, str | None]] = [
+        ({"model": "gpt-4o"}, "model_not_available", "model"),
+        ({"training_file": "file-nope"}, "invalid_file", "training_file"),
+        ({"method": {"type": "dpo"}}, "unsupported_method", "method.type"),
+        ({"tunelab": {"method": "lorra"}}, "invalid_spec", "tunelab.method"),
+        ({"tunelab": {"spec": {"train": {"lrr": 1}}}}, "invalid_spec", "tunelab.spec.train.lrr"),
+        ({"tunelab": {"spec": {"data": {}}}}, "invalid_spec", "tunelab.spec.data"),
+        (
+            {
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+                "tunelab": {"spec": {"train": {"epochs": 3}}},
+            },
+            "invalid_request",
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, "invalid_value", None),
+        ({"suffix": "x" * 65}, "invalid_value", "suffix"),
+    ]
+    for body, code, param in cases:
+        error = _error(api.create_job(file_id, **body), 400)
+        assert error["code"] == code, (body, error)
+        if param:
+            assert error["param"] == param, (body, error)
+    assert (
+        "did you mean 'lr'" in _error(api.create_job(file_id, tunelab={"spec": {"train": {"lrr": 1}}}), 400)["message"]
+    )
+    missing = api.call("POST", "/fine_tuning/jobs", json={"model": "tiny"})
+    assert _error(missing, 400) == {
+        "code": "missing_required_parameter",
+        "message": "training_file: Field required",
+        "param": "training_file",
+        "type": "invalid_request_error",
+    }
+
+
+def test_hyperparameters_resolve_into_the_spec(api: Api, good_file: bytes) -> None:
+    file_id = api.upload(good_file)["id"]
+    hyper = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    job = api.create_job(
+        file_id, seed=7, method={"type": "supervised", "supervised": {"hyperparameters": hyper}}, tunelab={}
+    ).json()
+    assert job["hyperparameters"] == hyper and job["seed"] == 7
+    train = job["tunelab"]["spec"]["train"]
+    assert (train["epochs"], train["batch_size"], train["lr"], train["seed"]) == (2, 4, 1e-4, 7)
+    assert job["tunelab"]["spec"]["checkpoints"] == {"every_steps": 10, "keep_last": 3}
+
+
+def test_state_machine_without_workers(api: Api, good_file: bytes) -> None:
+    job = api.create_job(api.upload(good_file)["id"]).json()
+    assert job["status"] == "queued"
+    path = f"/fine_tuning/jobs/{job['id']}"
+    assert api.call("POST", f"{path}/pause").json()["status"] == "paused"
+    assert api.call("POST", f"{path}/resume").json()["status"] == "queued"
+    cancelled = api.call("POST", f"{path}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert _error(api.call("POST", f"{path}/resume"), 400)["code"] == "invalid_job_state"
+    events = [e["message"] for e in api.call("GET", f"{path}/events").json()["data"]]
+    assert events[0] == "Job cancelled" and events[-1].startswith("Validating training file")
+
+
+def test_list_jobs_pages_and_filters(api: Api, good_file: bytes) -> None:
+    file_id = api.upload(good_file)["id"]
+    ids = [api.create_job(file_id, metadata={"n": str(i % 2)}).json()["id"] for i in range(5)]
+    page = api.call("GET", "/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = api.call("GET", "/fine_tuning/jobs", params={"limit": 10, "after": page["last_id"]}).json()
+    assert [j["id"] for j in rest["data"]] == ids[::-1][2:] and not rest["has_more"]
+    odd = api.call("GET", "/fine_tuning/jobs", params={"metadata[n]": "1"}).json()
+    assert [j["id"] for j in odd["data"]] == [ids[3], ids[1]]
+
+
+def test_authentication(api: Api) -> None:
+    assert _error(api.call("GET", "/files", who=None), 401)["code"] == "missing_api_key"
+    bad = api.client.get("/v1/files", headers={"Authorization": "Bearer tl-wrong"})
+    assert _error(bad, 401)["code"] == "invalid_api_key"
+
+
+# A job trained in-process, then every route is tried with the other project's key.
+
+
+@dataclass
+class Trained:
+    api: Api
+    file_id: str
+    job: dict[str, Any]
+    checkpoint_model: str
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[Trained]:
+    tmp = tmp_path_factory.mktemp("trained")
+    for api in _api(tmp, tiny_llama_dir, "sqlite"):
+        file_id = api.upload(chat_file(tmp / "train.jsonl").read_bytes())["id"]
+        spec = {**FAST, "eval": {"max_examples": 4, "samples": 1}}
+        job_id = api.create_job(file_id, suffix="isol", tunelab={"spec": spec}).json()["id"]
+        claimed = api.store.claim("w-test", 60)
+        assert claimed is not None and claimed.id == job_id
+        Worker(api.settings, "w-test", api.store).run_one(claimed)
+        job = api.call("GET", f"/fine_tuning/jobs/{job_id}").json()
+        assert job["status"] == "succeeded", job
+        checkpoints = api.call("GET", f"/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+        yield Trained(api, file_id, job, checkpoints[-1]["fine_tuned_model_checkpoint"])
+
+
+def test_a_finished_job(trained: Trained) -> None:
+    api, job = trained.api, trained.job
+    assert job["fine_tuned_model"] == f"ft:tiny:isol:{job['id'].removeprefix('ftjob-')}"
+    assert job["trained_tokens"] > 0 and job["finished_at"] >= job["created_at"]
+    csv = api.call("GET", f"/files/{job['result_files'][0]}/content").text.splitlines()
+    assert csv[0].startswith("step,train_loss,valid_loss") and len(csv) == 1 + 6
+    assert csv[-1].split(",")[2] != ""  # the validation loss after training
+    steps = [cp["step_number"] for cp in api.call("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]]
+    assert steps == [6, 4, 2]
+    events = api.call("GET", f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    metrics = [e for e in events if e["type"] == "metrics" and "train_loss" in (e["data"] or {})]
+    assert sorted(e["data"]["step"] for e in metrics) == [1, 2, 3, 4, 5, 6]
+    assert metrics[0]["data"]["total_steps"] == 6
+    models = [m["id"] for m in api.call("GET", "/models").json()["data"]]
+    assert models == ["embedded", "tiny", job["fine_tuned_model"]]
+
+
+@pytest.mark.parametrize("which", ["fine_tuned", "checkpoint", "base"])
+def test_chat_with_each_kind_of_model(trained: Trained, which: str) -> None:
+    model = {"fine_tuned": trained.job["fine_tuned_model"], "checkpoint": trained.checkpoint_model, "base": "tiny"}
+    body = {"model": model[which], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    reply = trained.api.call("POST", "/chat/completions", json=body).json()
+    assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] <= 5
+    again = trained.api.call("POST", "/chat/completions", json=body).json()
+    assert again["choices"][0]["message"]["content"] == reply["choices"][0]["message"]["content"]  # greedy
+
+
+def _isolation_cases(t: Trained) -> dict[tuple[str, str], tuple[dict[str, Any], int]]:
+    """For every route: the request project B makes on project A's objects, and the status B must get."""
+    job_id, model = t.job["id"], t.job["fine_tuned_model"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return {
+        ("POST", "/v1/files"): ({}, 0),  # creates B's own object: nothing of A's can be named
+        ("GET", "/v1/files"): ({}, 200),
+        ("GET", "/v1/files/{file_id}"): ({"file_id": t.file_id}, 404),
+        ("GET", "/v1/files/{file_id}/content"): ({"file_id": t.file_id}, 404),
+        ("DELETE", "/v1/files/{file_id}"): ({"file_id": t.file_id}, 404),
+        ("POST", "/v1/fine_tuning/jobs"): ({"json": {"model": "tiny", "training_file": t.file_id}}, 400),
+        ("GET", "/v1/fine_tuning/jobs"): ({"params": {"after": job_id}}, 200),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}"): ({"job_id": job_id}, 404),
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): ({"job_id": job_id}, 404),
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/pause"): ({"job_id": job_id}, 404),
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"): ({"job_id": job_id}, 404),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}/events"): ({"job_id": job_id}, 404),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): ({"job_id": job_id}, 404),
+        ("GET", "/v1/models"): ({}, 200),
+        ("GET", "/v1/models/{model_id}"): ({"model_id": model}, 404),
+        ("DELETE", "/v1/models/{model_id}"): ({"model_id": model}, 404),
+        ("POST", "/v1/chat/completions"): ({"json": chat}, 404),
+    }
+
+
+def test_tenant_isolation_on_every_route(trained: Trained) -> None:
+    api = trained.api
+    cases = _isolation_cases(trained)
+    schema = api.client.app.openapi()  # type: ignore[attr-defined]
+    routes = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
+    assert routes == set(cases)  # a new route must be added here
+    a_objects = {trained.file_id, trained.job["id"], trained.job["fine_tuned_model"]}
+    for (method, path), (args, status) in cases.items():
+        url = path.format(**{k: v for k, v in args.items() if k.endswith("_id")})
+        kwargs = {k: v for k, v in args.items() if k in ("json", "params")}
+        assert api.client.request(method, url, **kwargs).status_code == 401, url  # no key, no answer
+        if status == 0:
+            continue
+        response = api.client.request(method, url, headers={"Authorization": f"Bearer {api.keys['b']}"}, **kwargs)
+        assert response.status_code == status, (method, url, response.text)
+        assert not a_objects & set(json.dumps(response.json()).replace('"', " ").split()), (method, url)
+    # A still has everything.
+    assert api.call("GET", f"/files/{trained.file_id}").status_code == 200
+    assert api.call("GET", f"/models/{trained.job['fine_tuned_model']}").status_code == 200
+    assert api.call("GET", f"/models/{trained.checkpoint_model}", who="b").status_code == 404
+
+
+def test_delete_models(trained: Trained) -> None:
+    api = trained.api
+    assert _error(api.call("DELETE", "/models/tiny"), 403)["code"] == "model_not_deletable"
+    model = trained.job["fine_tuned_model"]
+    assert api.call("DELETE", f"/models/{model}").json() == {"id": model, "object": "model", "deleted": True}
+    assert api.call("GET", f"/models/{model}").status_code == 404
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    assert _error(api.call("POST", "/chat/completions", json=chat), 404)["code"] == "model_not_found"

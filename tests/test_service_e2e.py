@@ -1,0 +1,250 @@
+"""End to end with the official `openai` client against a live `tunelab service` on loopback (SQLite, and
+PostgreSQL when TUNELAB_TEST_POSTGRES_URL is set): the whole job flow on the tiny model, cancel, pause/resume,
+a worker SIGKILLed mid-job, a service restart mid-job, and bad files."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+from openai.types.fine_tuning import FineTuningJob
+from typer.testing import CliRunner
+
+from service_support import (
+    DATABASES,
+    FAST,
+    NO_EVAL,
+    LiveService,
+    chat_file,
+    live_service,
+    postgres_schema_url,
+    wait_for,
+)
+from tunelab.service.cli import app as service_cli
+from tunelab.service.store import Store
+
+# Long enough (200 steps, ~5 s) that a pause or a kill lands mid-job; same seed, so interrupted runs must agree.
+STEPS = 200
+LONG = {
+    "train": {"max_steps": STEPS, "max_seq_len": 64, "batch_size": 2},
+    "checkpoints": {"every_steps": 10},
+    **NO_EVAL,
+}
+SEED = 11
+
+
+@dataclass
+class Live:
+    service: LiveService
+    database: str | None
+    store: Store
+    client: OpenAI
+    other: OpenAI  # another project's key
+    train: Path
+
+    def job(self, spec: dict[str, Any] | None = None, **kwargs: Any) -> FineTuningJob:
+        uploaded = self.client.files.create(file=self.train.open("rb"), purpose="fine-tune")
+        return self.client.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=uploaded.id,
+            extra_body={"tunelab": {"spec": spec or {**FAST, **NO_EVAL}}},
+            **kwargs,
+        )
+
+    def wait(self, job_id: str, done: Any, timeout: float = 120) -> FineTuningJob:
+        found: list[FineTuningJob] = []
+
+        def check() -> bool:
+            found[:] = [self.client.fine_tuning.jobs.retrieve(job_id)]
+            return bool(done(found[0]))
+
+        try:
+            wait_for(check, timeout)
+        except AssertionError:
+            raise AssertionError(f"{found[0].status} {found[0].error}\n{self.service.output()}") from None
+        return found[0]
+
+    def metric_steps(self, job_id: str) -> dict[int, float]:
+        events = self.client.fine_tuning.jobs.list_events(job_id, limit=1000)
+        rows = [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict) and "train_loss" in e.data]
+        steps = [int(r["step"]) for r in rows]
+        assert len(steps) == len(set(steps)), "a step was reported twice"
+        return {int(r["step"]): float(r["train_loss"]) for r in rows}
+
+    def messages(self, job_id: str) -> list[str]:
+        return [e.message for e in self.client.fine_tuning.jobs.list_events(job_id, limit=1000)][::-1]
+
+
+def _key(data_dir: Path, database: str | None, project: str) -> str:
+    args = ["keys", "create", "--project", project, "--data-dir", str(data_dir)]
+    result = CliRunner().invoke(service_cli, args + (["--database", database] if database else []))
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _database(kind: str, name: str) -> str | None:
+    return postgres_schema_url(name) if kind == "postgresql" else None
+
+
+@contextmanager
+def _live(tmp: Path, tiny_llama_dir: Path, database: str | None) -> Iterator[Live]:
+    with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, database) as service:
+        store = Store(database or f"sqlite:///{service.data_dir / 'service.db'}", pool_size=2)
+        keys = [_key(service.data_dir, database, name) for name in ("e2e", "other")]
+        clients = [OpenAI(base_url=service.url, api_key=key, max_retries=0) for key in keys]
+        yield Live(service, database, store, *clients, chat_file(tmp / "train.jsonl"))
+        store.close()
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def live(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
+) -> Iterator[Live]:
+    with _live(tmp_path_factory.mktemp(request.param), tiny_llama_dir, _database(request.param, "e2e")) as found:
+        yield found
+
+
+def test_openai_client_flow(live: Live) -> None:
+    c = live.client
+    uploaded = c.files.create(file=live.train.open("rb"), purpose="fine-tune")
+    assert uploaded.id.startswith("file-") and uploaded.filename == "train.jsonl"
+    spec = {**FAST, **NO_EVAL}  # evaluation is covered in test_service_api.py
+    job = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="e2e",
+        seed=3,
+        metadata={"team": "search"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
+        extra_body={"tunelab": {"method": "lora", "spec": spec}},
+    )
+    assert job.id.startswith("ftjob-") and job.status in ("validating_files", "queued")
+    done = live.wait(job.id, lambda j: j.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:tiny:e2e:{job.id.removeprefix('ftjob-')}"
+    assert done.trained_tokens and done.trained_tokens > 0 and len(done.result_files) == 2
+    assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "search"})] == [job.id]
+    assert c.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+    assert sorted(live.metric_steps(job.id)) == [1, 2, 3, 4, 5, 6]
+    events = list(c.fine_tuning.jobs.list_events(job.id, limit=5))
+    assert events[0].message == "The job has successfully completed" and events[0].id.startswith("ftevent-")
+    checkpoints = list(c.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [cp.step_number for cp in checkpoints] == [6, 4, 2] and checkpoints[0].id.startswith("ftckpt-")
+    assert c.files.content(done.result_files[0]).text.startswith("step,train_loss,valid_loss")
+    assert done.fine_tuned_model in [m.id for m in c.models.list()]
+    _chat(c, done.fine_tuned_model)
+    _chat(c, checkpoints[-1].fine_tuned_model_checkpoint)
+    with pytest.raises(openai.NotFoundError):
+        live.other.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        _chat(live.other, done.fine_tuned_model)
+
+
+def _chat(client: OpenAI, model: str) -> None:
+    messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    text = reply.choices[0].message.content
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 6
+    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices]
+    assert "".join(pieces).strip() == (text or "").strip()  # greedy: the stream says the same
+
+
+def test_cancel_a_running_job(live: Live) -> None:
+    job = live.job({**LONG, "train": {**LONG["train"], "max_steps": 5000}})
+    live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 5)  # type: ignore[attr-defined]
+    live.client.fine_tuning.jobs.cancel(job.id)
+    done = live.wait(job.id, lambda j: j.status == "cancelled")
+    assert done.finished_at is not None and done.fine_tuned_model is None
+    assert any(m.startswith("Job cancelled at step") for m in live.messages(job.id))
+
+
+def test_pause_and_resume_continue_exactly(live: Live) -> None:
+    job = live.job(LONG, seed=SEED)
+    live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 10)  # type: ignore[attr-defined]
+    assert live.client.fine_tuning.jobs.pause(job.id).status == "running"  # the worker pauses it after its step
+    paused = live.wait(job.id, lambda j: j.status == "paused")
+    step = paused.tunelab["step"]  # type: ignore[attr-defined]
+    assert step in [cp.step_number for cp in live.client.fine_tuning.jobs.checkpoints.list(job.id)]
+    assert live.client.fine_tuning.jobs.resume(job.id).status == "queued"
+    live.wait(job.id, lambda j: j.status == "succeeded")
+    assert f"Resuming from checkpoint step-{step:06d}" in live.messages(job.id)
+    _same_as_other_runs(live, job.id)
+
+
+def _same_as_other_runs(live: Live, job_id: str) -> None:
+    """Every step reported once, and the same losses as other runs of the same job that stopped elsewhere:
+    exact resume (tests/test_resume.py shows it equals an uninterrupted run)."""
+    steps = live.metric_steps(job_id)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    others = [j.id for j in live.client.fine_tuning.jobs.list(limit=100) if j.seed == SEED and j.status == "succeeded"]
+    for other in others:
+        assert live.metric_steps(other) == steps
+
+
+def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live) -> None:
+    job = live.job(LONG, seed=SEED)
+    live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
+    running = live.store.job(job.id)
+    assert running is not None and running.lease_owner
+    os.kill(int(running.lease_owner.rsplit("-", 1)[1]), signal.SIGKILL)
+    live.wait(job.id, lambda j: j.status == "succeeded")
+    messages = live.messages(job.id)
+    assert any(m.startswith("Worker lost; the job is queued again") for m in messages)
+    resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
+    assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
+    _same_as_other_runs(live, job.id)
+
+
+BROKEN = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n'
+
+
+def test_bad_files_fail_their_job_with_a_code(live: Live, tmp_path: Path) -> None:
+    (tmp_path / "broken.jsonl").write_bytes(BROKEN)
+    uploaded = live.client.files.create(file=(tmp_path / "broken.jsonl").open("rb"), purpose="fine-tune")
+    wait_for(lambda: live.client.files.retrieve(uploaded.id).status == "error")
+    job = live.client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id)
+    failed = live.wait(job.id, lambda j: j.status == "failed")
+    assert failed.error is not None and failed.error.code == "invalid_file_format"
+    assert "line 2: [invalid_json]" in failed.error.message and failed.error.param == "training_file"
+    few = live.client.files.create(file=("few.jsonl", BROKEN.splitlines()[0] * 1), purpose="fine-tune")
+    job = live.client.fine_tuning.jobs.create(model="tiny", training_file=few.id)
+    failed = live.wait(job.id, lambda j: j.status == "failed")
+    assert failed.error is not None and failed.error.code == "invalid_n_examples"
+
+
+def test_restart_loses_nothing_and_the_job_resumes(live: Live, tiny_llama_dir: Path) -> None:
+    """Runs last in the module: it stops the module's service mid-job (SIGTERM) and starts another on its data."""
+    spec = {**LONG, "checkpoints": {"every_steps": 10, "keep_last": 100}}
+    job = live.job(spec)
+    live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
+    before = _snapshot(live.client, job.id)
+    assert live.service.stop() == 0  # the worker checkpoints and queues the job again before the service exits
+    stored = live.store.job(job.id)
+    assert stored is not None and stored.status == "queued"
+    with live_service(live.service.data_dir, {"tiny": tiny_llama_dir}, live.database) as service:
+        again = OpenAI(base_url=service.url, api_key=live.client.api_key, max_retries=0)
+        wait_for(lambda: again.fine_tuning.jobs.retrieve(job.id).status == "succeeded", 120)
+        after = _snapshot(again, job.id)
+        messages = [e.message for e in again.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    for name, ids in before.items():
+        assert ids <= after[name], name
+    assert any(m.startswith("Worker stopping: job queued again at step") for m in messages)
+    assert any(m.startswith("Resuming from checkpoint step-") for m in messages)
+
+
+def _snapshot(c: OpenAI, job_id: str) -> dict[str, set[str]]:
+    return {
+        "files": {f.id for f in c.files.list()},
+        "jobs": {j.id for j in c.fine_tuning.jobs.list()},
+        "events": {e.id for e in c.fine_tuning.jobs.list_events(job_id, limit=1000)},
+        "checkpoints": {cp.id for cp in c.fine_tuning.jobs.checkpoints.list(job_id, limit=100)},
+    }
