@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import ChatExample
-from tunelab.evaluate import Generation, generate_batch, language_metrics
+from tunelab.evaluate import Generation, generate_batch
 from tunelab.tasks import Evaluation, TaskData
 from tunelab.tasks.generative import GenerativeTask, Item
 
@@ -38,8 +38,7 @@ class DomainTask(GenerativeTask):
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation:
-        rows = data.val_rows[: spec.eval.max_examples] if spec.eval.max_examples else data.val_rows
-        metrics = language_metrics(model, rows, tokenizer.pad_token_id, spec.packing, spec.train.batch_size)
+        metrics = self.loss_metrics(model, tokenizer, data, spec)
         texts = [str(i.reference) for i in data.val_items if isinstance(i, Item)][: spec.eval.samples]
         openings = [" ".join(t.split()[:OPENING_WORDS]) for t in texts]
         outputs = generate_batch(model, tokenizer, openings, spec.eval.max_new_tokens or self.max_new_tokens)

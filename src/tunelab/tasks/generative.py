@@ -95,6 +95,13 @@ class GenerativeTask(ABC):
             )
         return shuffled[n_val:], shuffled[:n_val]
 
+    def loss_metrics(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
+    ) -> dict[str, float]:
+        """Loss, perplexity and token accuracy on (at most `eval.max_examples` of) the validation rows."""
+        rows = data.val_rows[: spec.eval.max_examples] if spec.eval.max_examples else data.val_rows
+        return language_metrics(model, rows, tokenizer.pad_token_id, spec.packing, spec.train.batch_size)
+
     # -- the Task protocol -----------------------------------------------------------------------------------
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train, val = self.split(spec)
@@ -107,8 +114,7 @@ class GenerativeTask(ABC):
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation:
-        rows = data.val_rows[: spec.eval.max_examples] if spec.eval.max_examples else data.val_rows
-        metrics = language_metrics(model, rows, tokenizer.pad_token_id, spec.packing, spec.train.batch_size)
+        metrics = self.loss_metrics(model, tokenizer, data, spec)
         items = [i for i in data.val_items if isinstance(i, Item)][: max(spec.eval.generations, spec.eval.samples)]
         prompts = [generation_prompt(i.example, tokenizer) for i in items]
         outputs = generate_batch(
