@@ -112,8 +112,12 @@ def test_unknown_hub_model_offline_says_how_to_fix(tmp_path: Path, monkeypatch: 
 
 
 def test_data_validate_reports_lines_and_exit_code(tmp_path: Path) -> None:
-    ok = runner.invoke(app, ["data", "validate", str(ROOT / "data/chat/validation.jsonl")])
-    assert ok.exit_code == 0 and "100 valid examples" in ok.output
+    # A long path (as on CI machines) must not wrap the summary line.
+    deep = tmp_path / ("long-folder-name-" * 4) / "validation.jsonl"
+    deep.parent.mkdir()
+    deep.write_bytes((ROOT / "data/chat/validation.jsonl").read_bytes())
+    ok = runner.invoke(app, ["data", "validate", str(deep)])
+    assert ok.exit_code == 0 and f"{deep}: messages, 100 rows, 100 valid examples: OK" in ok.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n', encoding="utf-8")
     result = runner.invoke(app, ["data", "validate", str(bad)])

@@ -29,7 +29,8 @@ app.add_typer(service_app, name="service")
 export_app = typer.Typer(help="Export a fine-tuned model: merged Hugging Face model, or ONNX (export onnx).")
 app.add_typer(export_app, name="export")
 console = Console(stderr=True)
-out = Console()
+# soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
+out = Console(soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-out = Console()
+# soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
+out = Console(soft_wrap=True)
 
 
 def export_onnx_cmd(

@@ -25,7 +25,8 @@ app = typer.Typer(
 keys_app = typer.Typer(help="API keys: each belongs to a project, and sees only that project's objects.")
 app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
-out = Console()
+# soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
+out = Console(soft_wrap=True)
 
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Files, job folders, logs and the SQLite database.")]
 DatabaseOpt = Annotated[
