@@ -5,8 +5,10 @@
 
 Same model, bundled chat data, LoRA (r=16, alpha 32, all seven projections), maximum length, batch, learning rate
 and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and at its best
-(`packing=True`, padding-free). The loss covers every token in all three (TRL's default; tunelab with
-`task.train_on_prompt`), so final losses compare like with like. Each run is its own process (peak RSS is per
+(`packing=True`, padding-free); tunelab runs as one process (PyTorch's threads over the cores) and as two
+single-threaded data-parallel processes (`tunelab train --nproc 2`, DDP; same global batch). The loss covers
+every token in all of them (TRL's default; tunelab with `task.train_on_prompt`), so final losses compare like
+with like. Each run is its own process (peak RSS is per
 process). Prints real tokens/s (padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and
 tunelab's model-FLOPs utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
 """
@@ -22,21 +24,39 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/chat/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("tunelab", "trl-padded", "trl-packed")
+VARIANTS = ("tunelab", "tunelab-2proc", "trl-padded", "trl-packed")
 LR = 5e-4
 
 
-def run_tunelab(model: str, steps: int, seq_len: int, batch: int, out: Path) -> dict[str, float]:
-    from tunelab.config import load_spec
-    from tunelab.recipe import run_job
+def run_tunelab(model: str, steps: int, seq_len: int, batch: int, out: Path, nproc: int = 1) -> dict[str, float]:
+    """tunelab as users run it; with nproc 2, data-parallel (DDP) over 2 single-threaded processes, same global
+    batch (batch/2 rows per process), launched by `tunelab train --nproc 2`."""
+    base = _tunelab_spec(model, steps, seq_len, batch, out)
+    if nproc == 1:
+        from tunelab.config import load_spec
+        from tunelab.recipe import run_job
 
-    base = {
+        run_job(load_spec(None, base=base))
+    else:
+        base["train"]["batch_size"] = batch // nproc
+        base["distributed"] = {"strategy": "ddp"}
+        spec = out / "spec.yaml"
+        spec.write_text(json.dumps(base), encoding="utf-8")  # JSON is YAML
+        cmd = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--nproc", str(nproc)]
+        subprocess.run(cmd, check=True, capture_output=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens": rows[-1]["tokens"], "seconds": rows[-1]["elapsed_s"], "losses": [r["loss"] for r in rows]}
+
+
+def _tunelab_spec(model: str, steps: int, seq_len: int, batch: int, out: Path) -> dict[str, Any]:
+    return {
         "model": {"name": model},
         "method": {"name": "lora", "r": 16, "alpha": 32},
         "task": {"scenario": "chat", "train_on_prompt": True},
@@ -45,9 +65,6 @@ def run_tunelab(model: str, steps: int, seq_len: int, batch: int, out: Path) -> 
         "eval": {"enabled": False},
         "output_dir": str(out),
     }
-    run_job(load_spec(None, base=base))
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"tokens": rows[-1]["tokens"], "seconds": rows[-1]["elapsed_s"], "losses": [r["loss"] for r in rows]}
 
 
 def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, packed: bool) -> dict[str, float]:
@@ -106,11 +123,13 @@ class _StepTimer(TrainerCallback):
 
 def child(variant: str, model: str, steps: int, seq_len: int, batch: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        if variant == "tunelab":
-            result = run_tunelab(model, steps, seq_len, batch, Path(tmp))
+        if variant.startswith("tunelab"):
+            result = run_tunelab(model, steps, seq_len, batch, Path(tmp), 2 if variant == "tunelab-2proc" else 1)
         else:
             result = run_trl(model, steps, seq_len, batch, Path(tmp), packed=variant == "trl-packed")
-    result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Per process: the 2-process variant reports its largest worker.
+    rusage = resource.RUSAGE_CHILDREN if variant == "tunelab-2proc" else resource.RUSAGE_SELF
+    result["rss_mib"] = resource.getrusage(rusage).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
@@ -164,17 +183,17 @@ def main() -> None:
 def _report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, peak: float, params: int) -> None:
     tps = {v: statistics.median(r["tokens"] / r["seconds"] for r in rs) for v, rs in runs.items()}
     print(f"\n{args.model}: LoRA r16, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds")
-    print(f"{'variant':12} {'tokens/s':>9} {'tunelab/x':>10} {'peak RSS MiB':>13} {'final loss':>11}")
+    print(f"{'variant':14} {'tokens/s':>9} {'tunelab/x':>10} {'2proc/x':>8} {'peak RSS MiB':>13} {'final loss':>11}")
     for variant, rs in runs.items():
         loss = statistics.mean(statistics.mean(r["losses"][-3:]) for r in rs)  # last 3 steps: less noise
         rss = max(r["rss_mib"] for r in rs)
-        print(f"{variant:12} {tps[variant]:9.1f} {tps['tunelab'] / tps[variant]:10.2f} {rss:13.0f} {loss:11.4f}")
+        ratios = f"{tps['tunelab'] / tps[variant]:10.2f} {tps['tunelab-2proc'] / tps[variant]:8.2f}"
+        print(f"{variant:14} {tps[variant]:9.1f} {ratios} {rss:13.0f} {loss:11.4f}")
     # LoRA: forward 2P + backward through activations 2P FLOPs per token (no weight gradients for the base).
-    achieved = 4 * params * tps["tunelab"]
-    print(
-        f"machine fp32 matmul: {peak / 1e9:.1f} GFLOP/s; "
-        f"tunelab: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% MFU"
-    )
+    print(f"machine fp32 matmul (all cores): {peak / 1e9:.1f} GFLOP/s")
+    for variant in ("tunelab", "tunelab-2proc"):
+        achieved = 4 * params * tps[variant]
+        print(f"{variant}: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% MFU")
 
 
 if __name__ == "__main__":

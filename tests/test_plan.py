@@ -46,6 +46,6 @@ def test_plan_cli_answers_for_phi3_on_a_24gb_gpu(tmp_path: Path) -> None:
     args = ["plan", "--model", "phi-3-mini", "--device-memory", "24", "--tflops", "150", "--bf16"]
     result = runner.invoke(app, [*args, "--seq-len", "2048", "--batch", "4", "--checkpointing"])
     assert result.exit_code == 0, result.output
-    assert "recommended: lora" in result.output
+    assert "recommended: lora" in result.output, result.output
     full = estimate(model_shape(KNOWN["phi-3-mini"]), "full", seq_len=2048, batch=4, bf16=True)
     assert full.total > 24 * GiB  # full fine-tuning of 3.8B does not fit in 24 GB without sharding

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, Problem, TunelabError
 from tunelab.export.onnx_cli import export_onnx_cmd
 from tunelab.serve.cli import serve_cmd
 from tunelab.service.cli import app as service_app
+
+if TYPE_CHECKING:
+    from tunelab.config import JobSpec
 
 app = typer.Typer(
     help="Fine-tune small language models for real tasks.",
@@ -58,15 +63,26 @@ def train_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.lr=1e-4")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (torchrun); needs distributed.strategy.")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines taking part; run the same command on each.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of the node with --node-rank 0.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="A free TCP port on that node.")] = 29500,
 ) -> None:
     """Fine-tune: evaluate before, train, evaluate after, export adapter and merged model, write the report."""
     from tunelab.config import load_spec
     from tunelab.recipe import run_job
+    from tunelab.train.distributed import current_world
 
     job = load_spec(spec, set_)
+    if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ:
+        _launch(job, spec, set_, resume, nproc, nnodes, node_rank, master_addr, master_port)
+        return
     summary = run_job(job, resume=resume, console=console)
     if summary.interrupted:
         raise typer.Exit(130)
+    if not current_world().is_main:
+        return
     table = Table(title="before / after (validation)")
     for col in ("metric", "before", "after"):
         table.add_column(col)
@@ -79,6 +95,35 @@ def train_cmd(
         f"total time: {summary.seconds:.0f} s"
     )
     out.print(f"report:  {summary.report}\nadapter: {summary.adapter}\nmerged:  {summary.merged or '(not mergeable)'}")
+
+
+def _launch(
+    job: JobSpec,
+    spec: Path,
+    set_: list[str] | None,
+    resume: bool,
+    nproc: int,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int,
+) -> None:
+    """Re-run this command under torchrun, which starts the processes and tells each its rank."""
+    from tunelab.train.distributed import launch_command, prebuild_deepspeed_ops
+
+    if job.distributed.strategy == "none":
+        raise ConfigError(
+            [Problem("distributed.strategy", f"--nproc {nproc} needs a strategy", "--set distributed.strategy=ddp")]
+        )
+    if job.distributed.strategy.startswith("zero"):
+        with console.status("building DeepSpeed's CPU communication op (first run only)"):
+            prebuild_deepspeed_ops()
+    argv = ["train", str(spec), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else [])]
+    command = launch_command(argv, nproc, nnodes, node_rank, master_addr, master_port)
+    console.print(f"launching {nproc * nnodes} processes ({job.distributed.strategy}): {' '.join(command[2:])}")
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -255,6 +300,53 @@ def methods_cmd(
             row.append(f"{trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
         table.add_row(*row)
     out.print(table)
+
+
+@app.command("bench")
+@friendly_errors
+def bench_cmd(
+    model: ModelOpt = "embedded",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods (default: lora,dora,rslora,qlora,ia3,prompt_tuning,prefix_tuning,full)."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per method.")] = 10,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Above 1: add zero1/zero2/zero3 rows (LoRA, this many processes).")
+    ] = 1,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per step (the global batch under --nproc).")] = 4,
+    seq_len: Annotated[int, typer.Option(min=9, help="Tokens per sequence.")] = 256,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate, the same for every method.")] = 2e-4,
+    eval_examples: Annotated[int, typer.Option(min=1, help="Validation examples for the loss before/after.")] = 32,
+    data: Annotated[
+        Path | None, typer.Option(help="A folder with chat train.jsonl and validation.jsonl (default: data/chat).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the results and runs.")] = Path("runs/bench"),
+) -> None:
+    """Measure each method on the same data and steps: trainable parameters, adapter size, peak memory, tokens/s,
+    validation loss before/after, wall time. Prints a markdown table; writes bench.md, bench.json, bench.png."""
+    from tunelab.bench import BenchSettings, bench_rows, bundled_chat_data, run_bench
+
+    settings = BenchSettings(
+        out_dir=out_dir,
+        data_dir=data or bundled_chat_data(),
+        rows=bench_rows(methods, nproc),
+        model=model,
+        steps=steps,
+        nproc=nproc,
+        batch=batch,
+        seq_len=seq_len,
+        lr=lr,
+        eval_examples=eval_examples,
+    )
+    result = run_bench(settings, console)
+    out.print(result.markdown, markup=False, highlight=False, end="")
+    console.print(f"table: {result.table}\njson:  {result.json}\nchart: {result.chart}")
+    failed = [row.name for row in result.rows if not row.ok]
+    if failed:
+        console.print(f"[yellow]{len(failed)} row(s) failed[/] ({', '.join(failed)}): see {out_dir / 'logs'}")
 
 
 @data_app.command("validate")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunelab.errors import ConfigError, Problem
 
@@ -47,6 +47,7 @@ class MethodSpec(_Spec):
 
 
 Scenario = Literal["chat", "classification", "ner", "translation", "qa", "domain", "creative"]
+HEAD_SCENARIOS = ("classification", "ner")  # the scenarios that have a classification-head variant
 
 
 class TaskSpec(_Spec):
@@ -58,6 +59,22 @@ class TaskSpec(_Spec):
     labels: list[str] | None = Field(None, description="classification: the label set (default: read from the data).")
     source_lang: str | None = Field(None, description="translation: source language (default: from the data).")
     target_lang: str | None = Field(None, description="translation: target language (default: from the data).")
+    approach: Literal["generative", "head"] = Field(
+        "generative",
+        description="classification and ner: `generative` (the model writes the label or the entities as text) "
+        "or `head` (a classification head on the base model: one label per text, or one BIO tag per word).",
+    )
+
+    @field_validator("approach")
+    @classmethod
+    def _check_approach(cls, approach: str, info: ValidationInfo) -> str:
+        scenario = info.data.get("scenario")  # absent when the scenario itself is invalid (reported separately)
+        if approach == "head" and scenario is not None and scenario not in HEAD_SCENARIOS:
+            raise ValueError(
+                f"approach 'head' exists for scenario {' and '.join(HEAD_SCENARIOS)}, not {scenario!r}; "
+                "remove task.approach (or set it to generative)"
+            )
+        return approach
 
 
 class DataSpec(_Spec):
@@ -84,6 +101,28 @@ class TrainSpec(_Spec):
     seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower than fp32 on most CPUs).")
     log_every: int = Field(1, gt=0, description="Log a metrics line every N steps.")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Optional check: must equal batch_size x grad_accum x processes (DeepSpeed's train_batch_size).",
+    )
+
+
+class DistributedSpec(_Spec):
+    strategy: Literal["none", "ddp", "zero1", "zero2", "zero3"] = Field(
+        "none", description="Data parallelism across processes: DDP, or DeepSpeed ZeRO stage 1/2/3."
+    )
+    offload: Literal["none", "optimizer", "parameters"] = Field(
+        "none", description="DeepSpeed CPU offload: optimizer states (ZeRO 1-3), or also parameters (ZeRO-3)."
+    )
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> DistributedSpec:
+        if self.offload != "none" and not self.strategy.startswith("zero"):
+            raise ValueError(f"offload: {self.offload} needs a ZeRO strategy; set strategy: zero2 or zero3")
+        if self.offload == "parameters" and self.strategy != "zero3":
+            raise ValueError("offload: parameters needs strategy: zero3 (only ZeRO-3 partitions parameters)")
+        return self
 
 
 class CheckpointSpec(_Spec):
@@ -96,7 +135,11 @@ class EvalSpec(_Spec):
     max_examples: int | None = Field(None, gt=0, description="Cap on validation examples scored.")
     samples: int = Field(4, ge=0, description="Sample generations shown side by side in the report.")
     max_new_tokens: int | None = Field(None, gt=0, description="Generation length (default: the scenario's).")
-    generations: int = Field(50, ge=0, description="Validation examples generated and scored by the task metric.")
+    generations: int = Field(
+        50,
+        ge=0,
+        description="Validation examples generated and scored by the task metric (a head scores all max_examples).",
+    )
 
 
 class JobSpec(_Spec):
@@ -108,6 +151,7 @@ class JobSpec(_Spec):
     data: DataSpec
     train: TrainSpec = TrainSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
+    distributed: DistributedSpec = DistributedSpec()
     eval: EvalSpec = EvalSpec()
     output_dir: Path = Field(Path("runs/latest"), description="Where checkpoints, adapter, merged model and report go.")
 
@@ -118,6 +162,8 @@ class JobSpec(_Spec):
         if self.method.name not in method_names():
             return self  # reported by validate_semantics, with the list of valid names
         info = get_method(self.method.name)
+        if self.task.approach == "head":
+            _check_head(self.method.name, self.train.packing)
         if info.prompt_learning and self.train.packing:
             raise ValueError(
                 f"train.packing is true but method.name is {self.method.name!r}: prompt/prefix tuning prepends "
@@ -127,12 +173,36 @@ class JobSpec(_Spec):
 
     @property
     def packing(self) -> bool:
-        """Whether packing is on, resolving the default per method."""
+        """Whether packing is on, resolving the default per method (never for a head: rows are padded)."""
+        if self.task.approach == "head":
+            return False
         if self.train.packing is not None:
             return self.train.packing
         from tunelab.methods import get_method
 
         return not get_method(self.method.name).prompt_learning
+
+
+def _check_head(method: str, packing: bool | None) -> None:
+    """A head needs a method that adapts or trains the model's layers, and one example per row."""
+    from tunelab.methods import get_method, method_names
+
+    def fits(name: str) -> bool:
+        # Virtual tokens hide the input ids a sequence head pools on and shift a token head's positions; QLoRA's
+        # quantised loading and merging are built for the causal LM.
+        info = get_method(name)
+        return not (info.prompt_learning or info.quantized)
+
+    if not fits(method):
+        raise ValueError(
+            f"task.approach is 'head' but method.name is {method!r}, which cannot train a classification head; "
+            f"use one of {', '.join(n for n in method_names() if fits(n))}"
+        )
+    if packing:
+        raise ValueError(
+            "train.packing is true but task.approach is 'head': a head reads one example per row (its label is "
+            "per row or per word), so rows are padded; set train.packing: false"
+        )
 
 
 def load_spec(path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> JobSpec:
@@ -161,7 +231,7 @@ def load_spec(path: Path | None, overrides: list[str] | None = None, base: dict[
 
 def validate_semantics(spec: JobSpec) -> list[Problem]:
     """Checks that need more than one field or a registry."""
-    from tunelab.methods import method_names
+    from tunelab.methods import get_method, method_names
 
     problems = []
     names = method_names()
@@ -171,6 +241,14 @@ def validate_semantics(spec: JobSpec) -> list[Problem]:
                 "method.name",
                 f"unknown method {spec.method.name!r}",
                 _closest(spec.method.name, names) or f"valid methods: {', '.join(names)}",
+            )
+        )
+    elif get_method(spec.method.name).quantized and spec.distributed.strategy.startswith("zero"):
+        problems.append(
+            Problem(
+                "distributed.strategy",
+                f"{spec.method.name} (a 4-bit base) cannot be sharded by DeepSpeed ZeRO",
+                "use strategy: ddp, or method lora with a ZeRO strategy",
             )
         )
     for field, file in (("data.train", spec.data.train), ("data.validation", spec.data.validation)):

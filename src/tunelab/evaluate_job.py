@@ -26,15 +26,15 @@ class EvalResult:
 def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console) -> EvalResult:
     """Evaluate spec.model, and `tuned` (an adapter or a model folder) when given, on the spec's validation data."""
     set_seed(spec.train.seed)
-    task = get_task(spec.task.scenario)
+    task = get_task(spec.task.scenario, spec.task.approach)
     data = task.prepare(spec, load_tokenizer(resolve(spec.model.name, spec.model.gguf_file)))
     with console.status("evaluating the base model"):
-        model, tokenizer = load_for_inference(spec.model.name)
+        model, tokenizer = load_for_inference(spec.model.name, load=task.load_model)
         base = task.evaluate(model, tokenizer, data, spec)
     result = None
     if tuned is not None:
         with console.status(f"evaluating {tuned}"):
-            model, tokenizer = load_for_inference(spec.model.name, tuned)
+            model, tokenizer = load_for_inference(spec.model.name, tuned, load=task.load_model)
             result = task.evaluate(model, tokenizer, data, spec)
     outputs: list[str | None] = [s.output for s in result.samples] if result else [None] * len(base.samples)
     paths = write_report(

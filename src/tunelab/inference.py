@@ -13,18 +13,21 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.formats import ChatExample
 from tunelab.data.render import tokenize
 from tunelab.errors import TunelabError
-from tunelab.models import load_model, load_tokenizer, resolve
+from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
 
 
-def load_for_inference(model: str, adapter: Path | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """The base model, with `adapter` applied when given (a PEFT adapter, or a fully fine-tuned model folder)."""
+def load_for_inference(
+    model: str, adapter: Path | None = None, load: Callable[[ModelSource], torch.nn.Module] = load_model
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The base model, with `adapter` applied when given (a PEFT adapter, or a fully fine-tuned model folder).
+    `load` loads a model folder: the causal LM by default, a task's classifier for a head."""
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         if (adapter / "config.json").is_file():  # full fine-tuning saves the whole model
             source = resolve(str(adapter))
-            return load_model(source).eval(), load_tokenizer(source)
+            return load(source).eval(), load_tokenizer(source)
         raise TunelabError(f"{adapter} is not an adapter folder (no adapter_config.json)")
     source = resolve(model)
-    base = load_model(source)
+    base = load(source)
     tokenizer = load_tokenizer(source)
     if adapter is None:
         return base.eval(), tokenizer

@@ -5,12 +5,16 @@ Memory per device, in bytes (P = parameters, T = trainable parameters, N = devic
 - weights: P x bytes/parameter (fp32 4, bf16 2; QLoRA: linear layers at 4.127 bits with double quantisation,
   the rest in the compute dtype); ZeRO-3 divides them by N; parameter offload moves them to CPU.
 - gradients: T x 4; ZeRO-2 and 3 divide them by N.
-- optimizer (AdamW): T x 8 (two fp32 moments), + T x 4 fp32 master weights when training in bf16;
+- optimizer (AdamW): T x 8 (two fp32 moments), + T x 4 fp32 master weights when training in bf16, + T x 4 for the
+  step's temporary (PyTorch's foreach AdamW computes sqrt(v) for all tensors at once);
   ZeRO-1/2/3 divide them by N; optimizer offload moves them to CPU.
 - activations: per layer and token, the tensors a Llama-style block keeps for backward
   (about 7h + 2kv + 4i values with SDPA attention, which stores no attention matrix); with activation
   checkpointing only each layer's input (h) plus one layer's full set; plus the logits and their gradient
-  (3 x vocabulary values per token).
+  (3 x vocabulary values per token). LoRA-family adapters with dropout keep each adapted projection's dropped-out
+  input and its mask (6h + i values and bytes per layer and token for the seven Llama projections).
+- runtime: the framework itself — the interpreter and libraries on CPU (RUNTIME_GIB, measured: RSS after
+  importing tunelab's training stack), the CUDA context on a GPU (about the same).
 Time: 6P FLOPs per token for full fine-tuning, 4P for adapters (no weight gradients for the frozen base), divided
 by the device's FLOP/s times an assumed utilisation.
 """
@@ -27,6 +31,8 @@ Strategy = Literal["single", "ddp", "zero1", "zero2", "zero3"]
 Offload = Literal["none", "optimizer", "parameters"]
 GiB = 1024**3
 QLORA_BITS = 4.127  # NF4 plus double-quantised block constants (Dettmers et al., 2023)
+RUNTIME_GIB = 0.45  # RSS of a process that imported torch, transformers, peft and tunelab: 462 MiB here
+LORA_FAMILY = ("lora", "qlora", "dora", "rslora", "pissa")
 
 # Known architectures, so `plan` answers without any file: name -> config.
 KNOWN: dict[str, PretrainedConfig] = {
@@ -82,10 +88,11 @@ class Estimate:
     activations: float
     trainable: int
     seconds_per_step: float
+    runtime: float = RUNTIME_GIB * GiB
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
 
 def model_shape(config: PretrainedConfig) -> Shape:
@@ -130,6 +137,7 @@ def estimate(
     rank: int = 16,
     bf16: bool = False,
     checkpointing: bool = False,
+    lora_dropout: float = 0.05,
     flops: float = 1e12,
     utilisation: float = 0.4,
 ) -> Estimate:
@@ -138,7 +146,7 @@ def estimate(
     weights = _weights(shape, method, bf16)
     shards = {"single": (1, 1, 1), "ddp": (1, 1, 1), "zero1": (1, 1, devices), "zero2": (1, devices, devices)}
     w_div, g_div, o_div = shards.get(strategy, (devices, devices, devices))
-    optimizer = trainable * (8 + (4 if bf16 else 0)) / o_div
+    optimizer = trainable * (8 + 4 + (4 if bf16 else 0)) / o_div
     if offload in ("optimizer", "parameters"):
         optimizer = 0.0
     if offload == "parameters":
@@ -151,7 +159,8 @@ def estimate(
         weights=weights / w_div,
         gradients=trainable * 4 / g_div,
         optimizer=optimizer,
-        activations=_activations(shape, tokens, bf16, checkpointing),
+        activations=_activations(shape, tokens, bf16, checkpointing)
+        + (_dropout_copies(shape, tokens, bf16, checkpointing) if method in LORA_FAMILY and lora_dropout > 0 else 0.0),
         trainable=trainable,
         seconds_per_step=flops_per_token * tokens / (flops * utilisation),
     )
@@ -170,6 +179,13 @@ def _activations(shape: Shape, tokens: int, bf16: bool, checkpointing: bool) -> 
     kept = shape.layers * shape.hidden + per_layer if checkpointing else shape.layers * per_layer
     logits = 3 * shape.vocab  # logits, their fp32 softmax and gradient
     return float(tokens * (kept * (2 if bf16 else 4) + logits * 4))
+
+
+def _dropout_copies(shape: Shape, tokens: int, bf16: bool, checkpointing: bool) -> float:
+    """PEFT applies dropout to the input of every adapted projection and keeps the result (and its mask) for the
+    adapter's backward: q/k/v/o/gate/up see h values per token, down sees i. With checkpointing, one layer's."""
+    values = (1 if checkpointing else shape.layers) * (6 * shape.hidden + shape.intermediate)
+    return float(tokens * values * ((2 if bf16 else 4) + 1))
 
 
 def plan_table(

@@ -6,6 +6,7 @@ The CLI (and later the service's workers) call `run_job` with a validated JobSpe
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
 from tunelab.report import Sample, confusion_png, write_report
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
 from tunelab.train.checkpoint import latest_checkpoint
+from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
 
 
@@ -46,11 +48,16 @@ class RunSummary:
 def run_job(
     spec: JobSpec, resume: bool = False, console: Console | None = None, stop_after: int | None = None
 ) -> RunSummary:
-    console = console or Console(stderr=True)
+    world = current_world()
+    init_process_group(spec.distributed, world)
+    # Under a launcher every process runs this function; only rank 0 talks, evaluates and exports.
+    console = (console or Console(stderr=True)) if world.is_main else Console(quiet=True)
     started = time.perf_counter()
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    if world.is_main:
+        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        (out / "spec.yaml").write_text(spec_text, encoding="utf-8")
     resume_from = _resume_point(out, resume)
 
     # Setup: model, tokenizer, data.
@@ -58,9 +65,9 @@ def run_job(
     source = resolve(spec.model.name, spec.model.gguf_file)
     console.print(f"model: {source.label or source.path}")
     tokenizer = load_tokenizer(source)
-    model: torch.nn.Module = load_model(source, _quantization(spec))
-    task = get_task(spec.task.scenario)
+    task = get_task(spec.task.scenario, spec.task.approach)
     data = task.prepare(spec, tokenizer)
+    model = task.load_model(source, _quantization(spec))  # after the data: a head's size is the label count
     for warning in data.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(
@@ -68,7 +75,11 @@ def run_job(
         f"({'packed' if spec.packing else 'padded'}), {data.n_val_examples} validation examples"
     )
 
-    before = _evaluate_once(task, model, tokenizer, data, spec, out / "eval_before.json", console, "before")
+    before = Evaluation({}, [])
+    if world.is_main:
+        with all_cores(world):
+            before = _evaluate_once(task, model, tokenizer, data, spec, out / "eval_before.json", console, "before")
+    barrier(world)  # the other processes wait for rank 0's evaluation
 
     # Method: wrap the model; report what trains.
     model = apply_method(model, spec.method)
@@ -88,12 +99,22 @@ def run_job(
         out_dir=out,
         resume_from=resume_from,
         stop_after=stop_after,
+        dist_spec=spec.distributed,
     )
     if result.interrupted:
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)
 
-    after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
-    adapter = save_adapter(model, tokenizer, out / "adapter", pissa_init)
+    if spec.distributed.strategy != "none":
+        adapter = _save_gathered(result, tokenizer, out / "adapter", pissa_init, world)
+        if not world.is_main:
+            return _summary(spec, None, adapter, None, before, Evaluation({}, []), trainable, total, result, started)
+        torch.set_num_threads(os.cpu_count() or 1)  # the other processes are done: rank 0 may use every core
+        # Evaluate and merge what was saved: this also proves the saved adapter is complete (ZeRO-3 shards).
+        model = _reload(task, source, adapter, spec)
+        after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
+    else:
+        after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
+        adapter = save_adapter(model, tokenizer, out / "adapter", pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
     report = _report(spec, source.label, before, after, result, trainable, total, task)
     summary = _summary(
@@ -101,6 +122,24 @@ def run_job(
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1, default=str), encoding="utf-8")
     return summary
+
+
+def _save_gathered(
+    result: TrainResult, tokenizer: PreTrainedTokenizerBase, folder: Path, pissa_init: Path | None, world: World
+) -> Path:
+    """Every process joins the gathering of sharded weights; rank 0 writes them."""
+    with result.engine.gathered():
+        if world.is_main:
+            save_adapter(result.engine.unwrapped(), tokenizer, folder, pissa_init)
+    barrier(world)
+    return folder
+
+
+def _reload(task: Task, source: ModelSource, adapter: Path, spec: JobSpec) -> torch.nn.Module:
+    """The trained model as users will load it: the base with the saved adapter, or the saved full model."""
+    if not get_method(spec.method.name).peft:
+        return task.load_model(resolve(str(adapter)))
+    return PeftModel.from_pretrained(task.load_model(source, _quantization(spec)), str(adapter)).eval()
 
 
 def _quantization(spec: JobSpec) -> Any:
@@ -213,7 +252,7 @@ def _report(
     info = {
         "model": model_label,
         "method": spec.method.name,
-        "scenario": spec.task.scenario,
+        "scenario": spec.task.scenario + (" (classification head)" if spec.task.approach == "head" else ""),
         "trainable parameters": f"{trainable:,} of {total:,}",
         "steps": str(state.step),
         "training tokens/s": f"{state.tokens / max(state.elapsed_s, 1e-9):.0f}",

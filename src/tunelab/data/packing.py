@@ -17,8 +17,9 @@ from tunelab.data.render import IGNORE, Tokenized
 @dataclass(frozen=True)
 class Row:
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int]  # one per token; or, with sequence_label, the row's one class id
     position_ids: list[int]
+    sequence_label: bool = False  # a sequence-classification head's row
 
 
 def pack(examples: list[Tokenized], max_len: int) -> list[Row]:
@@ -67,9 +68,19 @@ def collate(rows: list[Row], pad_id: int, packed: bool) -> dict[str, torch.Tenso
         mask[i, :n] = 1
         positions[i, :n] = torch.tensor(row.position_ids)
         positions[i, n:] = torch.arange(width - n)
+    if rows[0].sequence_label:
+        labels = torch.tensor([r.labels[0] for r in rows])  # the shape sequence-classification heads expect
     batch = {"input_ids": ids, "labels": labels}
     if packed:
         batch["position_ids"] = positions
     else:
         batch["attention_mask"] = mask
     return batch
+
+
+def loss_items(labels: torch.Tensor) -> int:
+    """The labels a batch's loss is averaged over. A causal LM's first label is never predicted (token t+1 is
+    predicted from t), so counting starts at position 1; a token head's rows start with an unlabelled start token,
+    so the same count is exact for them. Sequence labels (one per row) all count."""
+    counted = labels if labels.dim() == 1 else labels[:, 1:]
+    return int((counted != IGNORE).sum())

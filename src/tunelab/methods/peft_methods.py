@@ -43,6 +43,17 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(present - {"lm_head", "score", "classifier"})
 
 
+def peft_task_type(model: torch.nn.Module) -> TaskType:
+    """PEFT's task type for the model's head. For a classification head it makes PEFT train and save the new
+    `score` layer in full (modules_to_save) next to the adapter: a fresh head has nothing to adapt."""
+    name = type(model).__name__  # transformers names each head class <Arch>For<Head>
+    if name.endswith("ForSequenceClassification"):
+        return TaskType.SEQ_CLS
+    if name.endswith("ForTokenClassification"):
+        return TaskType.TOKEN_CLS
+    return TaskType.CAUSAL_LM
+
+
 def _targets(model: torch.nn.Module, spec: MethodSpec) -> list[str]:
     return spec.target_modules or default_target_modules(model)
 
@@ -50,7 +61,7 @@ def _targets(model: torch.nn.Module, spec: MethodSpec) -> list[str]:
 def _lora(**extra: Any) -> Any:
     def build(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
         config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=peft_task_type(model),
             r=spec.r,
             lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; floats work
             lora_dropout=spec.dropout,
@@ -71,7 +82,7 @@ def _ia3(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
         m for m in ("k_proj", "v_proj", "qkv_proj", "down_proj") if m in linear_module_names(model)
     ]
     feedforward = [m for m in targets if m in ("down_proj", "fc2", "mlp.c_proj")]
-    config = IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets, feedforward_modules=feedforward)
+    config = IA3Config(task_type=peft_task_type(model), target_modules=targets, feedforward_modules=feedforward)
     return _wrap(model, config)
 
 
@@ -80,7 +91,7 @@ def _lycoris(config_cls: type[LoHaConfig] | type[LoKrConfig]) -> Any:
 
     def build(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
         config = config_cls(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=peft_task_type(model),
             r=spec.r,
             alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; floats work
             module_dropout=spec.dropout,

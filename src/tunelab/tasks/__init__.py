@@ -1,6 +1,8 @@
-"""Scenarios. A task turns data files into training rows and scores a model on held-out data.
+"""Scenarios. A task turns data files into training rows, loads the model with the head it trains, and scores a
+model on held-out data.
 
-Each scenario is one module with a class satisfying `Task`; `get_task(name)` finds it.
+Each scenario is one module with a class satisfying `Task`; `get_task(name, approach)` finds it. The generative
+tasks train the language-model head; `classification_head` and `ner_head` train a classification head.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
     from tunelab.config import JobSpec
     from tunelab.data.packing import Row
     from tunelab.evaluate import Generation
+    from tunelab.models import ModelSource
 
 
 @dataclass
@@ -40,13 +43,23 @@ class Task(Protocol):
 
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData: ...
 
+    def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
+        """The model with this task's head (after `prepare`: a classification head's size comes from the data)."""
+        ...
+
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation: ...
 
 
-def get_task(name: str) -> Task:
-    """The scenario's task (names are checked by the JobSpec's type first)."""
+def get_task(name: str, approach: str = "generative") -> Task:
+    """The scenario's task (names and approaches are checked by the JobSpec first)."""
+    if approach == "head":
+        from tunelab.tasks.classification_head import ClassificationHeadTask
+        from tunelab.tasks.ner_head import NerHeadTask
+
+        heads: dict[str, Task] = {"classification": ClassificationHeadTask(), "ner": NerHeadTask()}
+        return heads[name]
     from tunelab.tasks.chat import ChatTask
     from tunelab.tasks.classification import ClassificationTask
     from tunelab.tasks.creative import CreativeTask

@@ -24,6 +24,7 @@ from tunelab.data.readers import read_records
 from tunelab.data.render import Tokenized, generation_prompt, tokenize
 from tunelab.errors import DataError, Problem
 from tunelab.evaluate import Generation, generate_batch, language_metrics
+from tunelab.models import ModelSource, load_model
 from tunelab.tasks import Evaluation, TaskData
 
 if TYPE_CHECKING:
@@ -110,6 +111,9 @@ class GenerativeTask(ABC):
         val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation")
         to_rows = (lambda t: pack(t, spec.train.max_seq_len)) if spec.packing else unpacked
         return TaskData(to_rows(train_tok), to_rows(val_tok), len(train_tok), len(val_tok), warnings, list(val))
+
+    def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
+        return load_model(source, quantization)
 
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec

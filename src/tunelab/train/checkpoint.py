@@ -1,23 +1,26 @@
-"""Checkpoints for exact resume, in safetensors and JSON only (no pickles: checkpoints may come from others).
+"""Checkpoints for exact resume, in safetensors and JSON wherever the format is ours (no pickles).
 
 A checkpoint holds what the loop needs to continue as if it never stopped: the trainable weights, the optimizer's
 moments, the scheduler position, the RNG state (dropout) and the step (which also fixes the data position, since
 the data order is a pure function of seed, epoch and step).
+
+One process and DDP write safetensors and JSON only. DeepSpeed ZeRO writes its own sharded format (torch.save),
+which is only ever read back from the run's own output folder.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
+from tunelab.train.distributed import World, barrier
 
 
 @dataclass
@@ -28,51 +31,90 @@ class TrainerState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class CheckpointEngine(Protocol):
+    """What a checkpoint needs from the training engine (see train/engines.py)."""
+
+    world: World
+
+    def save(self, folder: Path) -> None: ...
+    def load(self, folder: Path) -> None: ...
+
+
 def save_checkpoint(
     root: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine: CheckpointEngine,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
     keep_last: int,
 ) -> Path:
-    """Write `root/step-NNNNNN` atomically (a temporary folder renamed), then prune old checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write `root/step-NNNNNN` atomically (a temporary folder renamed), then prune old checkpoints.
+
+    Every process writes its own part (its RNG state; its optimizer shard under ZeRO); rank 0 writes the rest and
+    renames the folder once all parts are in."""
+    world = engine.world
     target = root / f"step-{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", meta)
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        _write_json(tmp / "trainer_state.json", asdict(state))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
+    tmp = root / f".tmp-step-{state.step:06d}"
+    if world.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _prune(root, keep_last)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    engine.save(tmp)
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng-{world.rank}.safetensors"))
+    barrier(world)
+    if world.is_main:
+        try:
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            _write_json(tmp / "trainer_state.json", asdict(state) | {"world_size": world.size})
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        _prune(root, keep_last)
+    barrier(world)
     return target
 
 
 def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    path: Path, engine: CheckpointEngine, scheduler: torch.optim.lr_scheduler.LRScheduler
 ) -> TrainerState:
-    for name in ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json"):
-        if not (path / name).is_file():
-            raise TunelabError(f"{path} is not a complete tunelab checkpoint ({name} is missing)")
-    weights = load_file(str(path / "trainable.safetensors"))
+    if not (path / "trainer_state.json").is_file():
+        raise TunelabError(f"{path} is not a complete tunelab checkpoint (trainer_state.json is missing)")
+    saved = _read_json(path / "trainer_state.json")
+    saved_world = saved.pop("world_size", 1)
+    if saved_world != engine.world.size:
+        raise TunelabError(
+            f"checkpoint {path} was written by {saved_world} process(es), this run has {engine.world.size}: "
+            f"resume with --nproc {saved_world} (the data order and optimizer shards depend on it)"
+        )
+    engine.load(path)
+    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    rng = path / f"rng-{engine.world.rank}.safetensors"
+    if rng.is_file():
+        torch.set_rng_state(load_file(str(rng))["torch_cpu"])
+    return TrainerState(**saved)
+
+
+def save_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The replicated (one-process or DDP) state: trainable weights and Adam moments, in safetensors."""
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(folder / "trainable.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    _write_json(folder / "optimizer.json", meta)
+
+
+def load_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json"):
+        if not (folder / name).is_file():
+            raise TunelabError(f"{folder} is not a complete tunelab checkpoint ({name} is missing)")
+    weights = load_file(str(folder / "trainable.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise TunelabError(
-            f"checkpoint {path} was made with another method or model: its trainable parameters "
+            f"checkpoint {folder} was made with another method or model: its trainable parameters "
             "differ from this run's; resume with the spec that made it"
         )
     params = dict(model.named_parameters())
@@ -80,11 +122,8 @@ def load_checkpoint(
         for name, value in weights.items():
             params[name].copy_(value)
     optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), _read_json(path / "optimizer.json"))
+        _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), _read_json(folder / "optimizer.json"))
     )
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
-    return TrainerState(**_read_json(path / "trainer_state.json"))
 
 
 def latest_checkpoint(root: Path) -> Path | None:

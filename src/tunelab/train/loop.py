@@ -10,20 +10,20 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import torch
-from accelerate import Accelerator
 from transformers import get_scheduler
 
-from tunelab.config import CheckpointSpec, TrainSpec
-from tunelab.data.packing import Row, collate
-from tunelab.data.render import IGNORE
+from tunelab.config import CheckpointSpec, DistributedSpec, TrainSpec
+from tunelab.data.packing import Row, collate, loss_items
 from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from tunelab.train.distributed import SINGLE, World, current_world
+from tunelab.train.engines import Engine, make_engine
 from tunelab.train.progress import ProgressReporter, rewrite_metrics
 
 
@@ -32,6 +32,7 @@ class TrainResult:
     state: TrainerState
     interrupted: bool
     checkpoint: Path | None
+    engine: Engine  # holds the trained (possibly sharded) model; `engine.gathered()` before reading weights
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,25 @@ class Plan:
     def micro_per_epoch(self) -> int:
         return math.ceil(self.rows / self.batch_size)
 
-    def micro_batch(self, index: int) -> list[int]:
+    def micro_batch(self, index: int, world: World = SINGLE) -> list[int]:
+        """Rows of global micro-batch `index` for process `world.rank`: the global batch is cut in `world.size`
+        slices. A short last batch wraps round to the epoch's first rows so that every process has work."""
         epoch, i = divmod(index, self.micro_per_epoch)
-        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return order[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        picks = order[i * self.batch_size : (i + 1) * self.batch_size]
+        if world.size == 1:
+            return picks
+        per_rank = math.ceil(self.batch_size / world.size)
+        picks += order[: per_rank * world.size - len(picks)]
+        return picks[world.rank * per_rank : (world.rank + 1) * per_rank]
 
 
-def make_plan(n_rows: int, train: TrainSpec) -> Plan:
-    steps_per_epoch = math.ceil(n_rows / (train.batch_size * train.grad_accum))
+def make_plan(n_rows: int, train: TrainSpec, world_size: int = 1) -> Plan:
+    """The plan works in global micro-batches (batch_size rows on each of world_size processes)."""
+    global_micro = train.batch_size * world_size
+    steps_per_epoch = math.ceil(n_rows / (global_micro * train.grad_accum))
     total = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
-    return Plan(n_rows, train.batch_size, train.grad_accum, total, train.seed)
+    return Plan(n_rows, global_micro, train.grad_accum, total, train.seed)
 
 
 def train(
@@ -72,38 +82,37 @@ def train(
     resume_from: Path | None = None,
     stop_after: int | None = None,
     reporter: ProgressReporter | None = None,
+    dist_spec: DistributedSpec | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would)."""
+    """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
+
+    With several processes every one calls this with the same rows; each takes its slice of every micro-batch."""
     if not rows:
         raise ValueError("no training rows")  # callers check the data first; this guards the loop's arithmetic
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if train_spec.precision == "bf16" else "no"
-    )
-    plan = make_plan(len(rows), train_spec)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train_spec.lr, weight_decay=train_spec.weight_decay)
+    world = current_world()
+    engine = make_engine(model, train_spec, dist_spec or DistributedSpec(), world)
+    plan = make_plan(len(rows), train_spec, world.size)
     scheduler = get_scheduler(
         train_spec.schedule,
-        optimizer,
+        engine.optimizer,
         num_warmup_steps=round(train_spec.warmup_ratio * plan.total_steps),
         num_training_steps=plan.total_steps,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
-        rewrite_metrics(metrics_path, state.history)
-    elif metrics_path.exists():
+        state = load_checkpoint(resume_from, engine, scheduler)
+        if world.is_main:
+            rewrite_metrics(metrics_path, state.history)
+    elif metrics_path.exists() and world.is_main:
         metrics_path.unlink()
-    reporter = reporter or ProgressReporter(plan.total_steps, state.step, metrics_path)
+    if reporter is None:
+        reporter = ProgressReporter(plan.total_steps, state.step, metrics_path if world.is_main else None)
 
     def checkpoint() -> Path:
-        return save_checkpoint(
-            ckpt_root, accelerator.unwrap_model(model), optimizer, scheduler, state, ckpt_spec.keep_last
-        )
+        return save_checkpoint(ckpt_root, engine, scheduler, state, ckpt_spec.keep_last)
 
     last_ckpt: Path | None = None
     interrupted = False
@@ -111,17 +120,7 @@ def train(
     with reporter, _stop_on_sigint() as stop_requested:
         while state.step < plan.total_steps:
             started = time.perf_counter()
-            loss, tokens, grad_norm = _step(
-                model,
-                optimizer,
-                accelerator,
-                plan,
-                rows,
-                state.step,
-                pad_id,
-                packed,
-                train_spec.max_grad_norm,
-            )
+            loss, tokens, grad_norm = _step(engine, plan, rows, state.step, pad_id, packed, train_spec.max_grad_norm)
             scheduler.step()
             state.step += 1
             state.tokens += tokens
@@ -140,7 +139,7 @@ def train(
             every = ckpt_spec.every_steps
             if every and state.step % every == 0 and state.step < plan.total_steps:
                 last_ckpt = checkpoint()
-            if stop_requested() or (stop_after is not None and state.step >= stop_after):
+            if _agree(world, stop_requested() or (stop_after is not None and state.step >= stop_after)):
                 interrupted = state.step < plan.total_steps
                 break
         if interrupted or last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:06d}"):
@@ -151,38 +150,49 @@ def train(
                 "run the same command with --resume to continue"
             )
     model.eval()
-    return TrainResult(state, interrupted, last_ckpt)
+    return TrainResult(state, interrupted, last_ckpt, engine)
 
 
 def _step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    accelerator: Accelerator,
-    plan: Plan,
-    rows: list[Row],
-    step: int,
-    pad_id: int,
-    packed: bool,
-    max_grad_norm: float,
+    engine: Engine, plan: Plan, rows: list[Row], step: int, pad_id: int, packed: bool, max_grad_norm: float
 ) -> tuple[float, int, float]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean token loss, real tokens, grad norm)."""
-    picks = [[rows[i] for i in plan.micro_batch(step * plan.grad_accum + j)] for j in range(plan.grad_accum)]
+    """One optimizer step over `grad_accum` micro-batches; returns (mean token loss, real tokens, grad norm) over
+    all processes."""
+    world = engine.world
+    first = step * plan.grad_accum
+    picks = [[rows[i] for i in plan.micro_batch(first + j, world)] for j in range(plan.grad_accum)]
     batches = [collate(group, pad_id, packed) for group in picks]
-    # The loss is summed over tokens and divided by the tokens of the whole step, so accumulation gives the same
-    # gradient as one big batch (the per-micro-batch mean would over-weight short micro-batches).
-    n_items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    # The loss is summed over tokens and divided by the tokens of the whole step (on all processes), so
+    # accumulation and data parallelism give the gradient of one big batch. Gradients are averaged over
+    # processes, hence the division of the token count by the world size.
+    local = [
+        sum(loss_items(b["labels"]) for b in batches),
+        sum(len(r.input_ids) for g in picks for r in g),
+    ]
+    n_items, tokens = _sum_over_world(world, local)
     total = 0.0
     for batch in batches:
-        with accelerator.autocast():
-            # use_cache=False: with a cache, transformers ignores the restarting position_ids of packed rows,
-            # and packed examples would attend to each other.
-            out = model(**batch, num_items_in_batch=max(n_items, 1), use_cache=False)
-        accelerator.backward(out.loss)
+        out = engine.forward(batch, max(n_items, 1) / world.size)
+        engine.backward(out.loss)
         total += float(out.loss.detach())
-    grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total, sum(len(r.input_ids) for group in picks for r in group), float(grad_norm)
+    grad_norm = engine.step(max_grad_norm)
+    (loss,) = _sum_over_world(world, [total / world.size], torch.float64)
+    return loss, int(tokens), grad_norm
+
+
+def _sum_over_world(world: World, values: Sequence[float], dtype: torch.dtype = torch.int64) -> list[float]:
+    if world.size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=dtype)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _agree(world: World, stop: bool) -> bool:
+    """Ctrl-C reaches every process of a launch, but not always in the same step: stop when any of them asks."""
+    if world.size == 1:
+        return stop
+    return bool(_sum_over_world(world, [int(stop)])[0])
 
 
 @contextmanager

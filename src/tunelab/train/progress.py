@@ -24,7 +24,7 @@ class ProgressReporter:
         self,
         total_steps: int,
         start_step: int,
-        metrics_path: Path,
+        metrics_path: Path | None,
         console: Console | None = None,
         plain_every: int = 10,
     ) -> None:
@@ -36,8 +36,13 @@ class ProgressReporter:
         self._task: TaskID | None = None
         self._start = start_step
 
+    @property
+    def quiet(self) -> bool:
+        """Processes other than rank 0 of a launch report nothing (metrics_path None), or lines would repeat."""
+        return self.metrics_path is None
+
     def __enter__(self) -> ProgressReporter:
-        if self.console.is_terminal:
+        if self.console.is_terminal and not self.quiet:
             self._progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
@@ -61,6 +66,8 @@ class ProgressReporter:
 
     def update(self, row: dict[str, float], eta_s: float) -> None:
         """Show one optimizer step and append it to the metrics log."""
+        if self.metrics_path is None:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         step = int(row["step"])
@@ -75,7 +82,8 @@ class ProgressReporter:
             )
 
     def note(self, text: str) -> None:
-        self.console.print(text)
+        if not self.quiet:
+            self.console.print(text)
 
 
 def rewrite_metrics(path: Path, history: list[dict[str, float]]) -> None:

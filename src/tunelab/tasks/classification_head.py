@@ -1,0 +1,95 @@
+"""Text classification with a sequence-classification head (`task.approach: head`): the base model reads the text
+and a new linear layer on its last token scores each label; the prediction is the argmax, always a label.
+
+Rows are read and checked by the generative ClassificationTask (same fields, label set, warnings), so both
+approaches take the same files. Metrics: validation loss, accuracy, macro-F1 and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.packing import Row
+from tunelab.errors import DataError, Problem
+from tunelab.evaluate import Generation
+from tunelab.metrics import classification_metrics, confusion
+from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.classification import ClassificationTask
+from tunelab.tasks.generative import Item
+from tunelab.tasks.heads import load_head_model, predict, start_token, truncation_warning
+
+if TYPE_CHECKING:
+    from tunelab.config import JobSpec
+    from tunelab.models import ModelSource
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+    label: str
+
+
+class ClassificationHeadTask:
+    name = "classification"
+    lower_is_better = frozenset({"loss"})
+
+    def __init__(self) -> None:
+        self.reader = ClassificationTask()
+        self.labels: list[str] = []
+        self.pad_id = 0
+
+    def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        train_items, val_items = self.reader.split(spec)
+        self.labels, self.pad_id = self.reader.labels, int(tokenizer.pad_token_id)
+        train, val = _texts(train_items), _texts(val_items)
+        _check_known(val, self.labels)
+        warnings = self.reader.check(train_items, "train")
+        rows: dict[str, list[Row]] = {}
+        for split, texts in (("train", train), ("validation", val)):
+            encoded = [encode(t, self.labels.index(t.label), tokenizer, spec.train.max_seq_len) for t in texts]
+            rows[split] = [row for row, _ in encoded]
+            warnings += truncation_warning(split, sum(cut for _, cut in encoded), spec.train.max_seq_len)
+        return TaskData(rows["train"], rows["validation"], len(train), len(val), warnings, list(val))
+
+    def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
+        return load_head_model(source, "sequence", self.labels, self.pad_id)
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
+    ) -> Evaluation:
+        n = spec.eval.max_examples or len(data.val_rows)
+        texts = [t for t in data.val_items if isinstance(t, Text)][:n]
+        predictions = predict(model, data.val_rows[:n], self.pad_id, spec.train.batch_size)
+        predicted = [self.labels[ids[0]] for ids in predictions.ids]
+        gold = [t.label for t in texts]
+        scores = classification_metrics(predicted, gold, self.labels)
+        del scores["unknown_rate"]  # an argmax always names a label
+        details = {"labels": self.labels, "confusion": confusion(predicted, gold, self.labels)}
+        samples = [Generation(t.text, t.label, p) for t, p in zip(texts, predicted, strict=True)]
+        return Evaluation({"loss": predictions.loss, **scores}, samples[: spec.eval.samples], details)
+
+
+def encode(text: Text, label_id: int, tokenizer: PreTrainedTokenizerBase, max_len: int) -> tuple[Row, bool]:
+    """The start token and the text, cut to `max_len` tokens in all (and whether it was cut); the label is the
+    row's one class id."""
+    ids = [start_token(tokenizer), *tokenizer(text.text, add_special_tokens=False)["input_ids"]]
+    kept = ids[:max_len]
+    return Row(kept, [label_id], list(range(len(kept))), sequence_label=True), len(ids) > max_len
+
+
+def _texts(items: list[Item]) -> list[Text]:
+    return [Text(next(m.content for m in i.example.messages if m.role == "user"), i.reference) for i in items]
+
+
+def _check_known(val: list[Text], labels: list[str]) -> None:
+    """The head has one output per label: a validation label without one could be neither learned nor scored."""
+    unknown = sorted({t.label for t in val} - set(labels))
+    if unknown:
+        problem = Problem(
+            "data.validation", f"labels {unknown} are not in the label set {labels}", "add them to task.labels"
+        )
+        raise DataError([problem])

@@ -1,0 +1,152 @@
+"""Several processes, one job: who am I (rank/world), how to launch, and the DeepSpeed config made from the spec.
+
+`tunelab train SPEC --nproc N` re-runs the same command under torchrun, which starts N processes per machine and
+sets RANK/WORLD_SIZE/MASTER_ADDR in their environment. Every process builds the same model and takes its slice of
+each global micro-batch; rank 0 alone evaluates, writes the report and exports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunelab.config import DistributedSpec, TrainSpec
+from tunelab.errors import ConfigError, Problem
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def current_world() -> World:
+    """The process's place in a torchrun/deepspeed launch (rank 0 of 1 when run directly)."""
+    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def init_process_group(spec: DistributedSpec, world: World) -> None:
+    """Join the other processes (gloo on CPU, nccl on GPUs). A no-op for one process."""
+    if world.size == 1 or torch.distributed.is_initialized():
+        return
+    if spec.strategy == "none":
+        raise ConfigError(
+            [
+                Problem(
+                    "distributed.strategy",
+                    f"{world.size} processes were launched but strategy is none",
+                    "set distributed.strategy: ddp (or zero1/zero2/zero3)",
+                )
+            ]
+        )
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for a GPU
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        torch.distributed.barrier()
+
+
+@contextmanager
+def all_cores(world: World) -> Iterator[None]:
+    """Let rank 0 use its machine's cores while the other processes wait for it (evaluation, export): torchrun
+    gives each process one thread, so the evaluation would otherwise run on one core."""
+    threads = torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(threads, min(os.cpu_count() or 1, threads * local)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def deepspeed_config(train: TrainSpec, dist: DistributedSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this spec. Batch sizes are checked here, so a mismatch is a clear error naming the
+    fields instead of an assertion deep inside DeepSpeed."""
+    check_batch(train, world_size)
+    zero: dict[str, Any] = {"stage": int(dist.strategy.removeprefix("zero"))}
+    if dist.offload in ("optimizer", "parameters"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if dist.offload == "parameters":
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        # tunelab passes a torch AdamW: DeepSpeed's own CPU Adam needs a C++ build (minutes) on first use.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+
+
+def check_batch(train: TrainSpec, world_size: int) -> None:
+    """global batch = micro-batch x accumulation x processes; a user-given global batch must agree."""
+    product = train.batch_size * train.grad_accum * world_size
+    if train.global_batch_size is None or train.global_batch_size == product:
+        return
+    per_process = train.batch_size * world_size
+    hint = (
+        f"set train.grad_accum: {train.global_batch_size // per_process}"
+        if train.global_batch_size % per_process == 0
+        else f"make it a multiple of batch_size x processes = {per_process}"
+    )
+    raise ConfigError(
+        [
+            Problem(
+                "train.global_batch_size",
+                f"{train.global_batch_size} != batch_size {train.batch_size} x grad_accum {train.grad_accum} "
+                f"x processes {world_size} = {product}",
+                hint,
+            )
+        ]
+    )
+
+
+def prebuild_deepspeed_ops() -> None:
+    """DeepSpeed compiles a C++ shared-memory op the first time a process joins a CPU group (a minute or two here);
+    two processes compiling at once can leave a stale lock that hangs every later run. Build it once, here, before
+    the processes start; it is cached (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
+
+
+def launch_command(
+    argv: list[str], nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int
+) -> list[str]:
+    """The torchrun command that re-runs this `tunelab train` invocation in `nproc` processes per machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={master_addr}",
+        f"--master_port={master_port}",
+        "-m",
+        "tunelab.cli",
+        *argv,
+    ]
