@@ -3,9 +3,10 @@ in this run, next to `tunelab plan`'s estimate for the same configuration.
 
     .venv/bin/python bench/memory.py [--steps 3] [--seq-len 256] [--batch 4]
 
-Prints, per method: peak RSS (what the OS had to give; the plan is compared with it), peak private memory (RSS
-minus file-backed pages, i.e. without a memory-mapped checkpoint), the plan's estimate and its error, and the
-ratios to LoRA fp32.
+Prints, per method: peak RSS (what the OS had to give; the plan, which includes a runtime term, is compared with
+it), the runtime (RSS after importing the libraries, before any model) and the training memory above it, peak
+private memory (RSS minus file-backed pages, i.e. without a memory-mapped checkpoint), the plan's estimate and its
+error, and the ratios to LoRA fp32 of peak RSS and of training memory.
 Goals: QLoRA <= 0.35 x LoRA fp32 peak; plan within +-25 % of measured on at least 3 configurations.
 """
 
@@ -30,6 +31,7 @@ def child(method: str, steps: int, seq_len: int, batch: int) -> None:
     from tunelab.methods.qlora import quantization_config
     from tunelab.models import load_model, resolve
 
+    runtime = _rss_mib()  # the interpreter and libraries, before any model: the same for every method
     spec = MethodSpec(name=method)
     quant = quantization_config(spec) if get_method(method).quantized else None
     model = apply_method(load_model(resolve("embedded"), quant), spec)
@@ -44,7 +46,14 @@ def child(method: str, steps: int, seq_len: int, batch: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         peak_private = max(peak_private, _private_mib())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rss": rss, "private": peak_private, "s_per_step": (time.perf_counter() - start) / steps}))
+    seconds = (time.perf_counter() - start) / steps
+    print(json.dumps({"rss": rss, "private": peak_private, "runtime": runtime, "s_per_step": seconds}))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmRSS"].split()[0]) / 1024
 
 
 def _private_mib() -> float:
@@ -78,12 +87,15 @@ def main() -> None:
         results[method] = json.loads(out.strip().splitlines()[-1])
     base = results["lora"]
     print(f"embedded model, seq {args.seq_len} x batch {args.batch}, {args.steps} steps (MiB)")
-    print(f"{'method':8} {'peak RSS':>9} {'private':>9} {'plan':>8} {'plan err':>9} {'RSS/LoRA':>9} {'priv/LoRA':>9}")
+    print("'training' = peak RSS minus the runtime (RSS after imports, before the model: the same for every method)")
+    header = f"{'method':8} {'peak RSS':>9} {'runtime':>8} {'training':>9} {'private':>8} {'plan':>7} {'plan err':>9}"
+    print(header + f" {'RSS/LoRA':>9} {'training/LoRA':>14}")
     for method, r in results.items():
         plan = planned_mib(method, args.seq_len, args.batch)
+        training, base_training = r["rss"] - r["runtime"], base["rss"] - base["runtime"]
         print(
-            f"{method:8} {r['rss']:9.0f} {r['private']:9.0f} {plan:8.0f} {100 * (plan / r['rss'] - 1):+8.0f}% "
-            f"{r['rss'] / base['rss']:9.2f} {r['private'] / base['private']:9.2f}"
+            f"{method:8} {r['rss']:9.0f} {r['runtime']:8.0f} {training:9.0f} {r['private']:8.0f} {plan:7.0f} "
+            f"{100 * (plan / r['rss'] - 1):+8.0f}% {r['rss'] / base['rss']:9.2f} {training / base_training:14.2f}"
         )
 
 

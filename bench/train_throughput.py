@@ -4,13 +4,14 @@
     .venv/bin/python bench/train_throughput.py [--model embedded] [--steps 12] [--rounds 2]
 
 Same model, bundled chat data, LoRA (r=16, alpha 32, all seven projections), maximum length, batch, learning rate
-and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and at its best
-(`packing=True`, padding-free); tunelab runs as one process (PyTorch's threads over the cores) and as two
-single-threaded data-parallel processes (`tunelab train --nproc 2`, DDP; same global batch). The loss covers
-every token in all of them (TRL's default; tunelab with `task.train_on_prompt`), so final losses compare like
-with like. Each run is its own process (peak RSS is per
-process). Prints real tokens/s (padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and
-tunelab's model-FLOPs utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
+and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and packed
+(`packing=True`, padding-free), both with TRL's defaults (gradient checkpointing and bf16 autocast on), and at its
+fastest here ("trl-best": packed, no gradient checkpointing, fp32). tunelab runs as one process (PyTorch's threads
+over the cores) and as two single-threaded data-parallel processes (`tunelab train --nproc 2`, DDP; same global
+batch). The loss covers every token in all of them (TRL's default; tunelab with `task.train_on_prompt`), so final
+losses compare like with like. Each run is its own process (peak RSS is per process). Prints real tokens/s
+(padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and tunelab's model-FLOPs
+utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/chat/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("tunelab", "tunelab-2proc", "trl-padded", "trl-packed")
+VARIANTS = ("tunelab", "tunelab-2proc", "trl-padded", "trl-packed", "trl-best")
 LR = 5e-4
 
 
@@ -67,7 +68,9 @@ def _tunelab_spec(model: str, steps: int, seq_len: int, batch: int, out: Path) -
     }
 
 
-def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, packed: bool) -> dict[str, float]:
+def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, variant: str) -> dict[str, float]:
+    """TRL with its defaults (gradient checkpointing and bf16 autocast on), padded or packed; "trl-best" also
+    turns those two off (faster here: no recomputation, and fp32 beats bf16 on this CPU)."""
     from datasets import load_dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -83,8 +86,9 @@ def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, packed:
         lr_scheduler_type="cosine",
         warmup_steps=0.05,  # a float is a ratio of the total steps in transformers 5
         max_length=seq_len,
-        packing=packed,
-        padding_free=packed,
+        packing=variant != "trl-padded",
+        padding_free=variant != "trl-padded",
+        **({"gradient_checkpointing": False, "bf16": False} if variant == "trl-best" else {}),
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -126,7 +130,7 @@ def child(variant: str, model: str, steps: int, seq_len: int, batch: int) -> Non
         if variant.startswith("tunelab"):
             result = run_tunelab(model, steps, seq_len, batch, Path(tmp), 2 if variant == "tunelab-2proc" else 1)
         else:
-            result = run_trl(model, steps, seq_len, batch, Path(tmp), packed=variant == "trl-packed")
+            result = run_trl(model, steps, seq_len, batch, Path(tmp), variant)
     # Per process: the 2-process variant reports its largest worker.
     rusage = resource.RUSAGE_CHILDREN if variant == "tunelab-2proc" else resource.RUSAGE_SELF
     result["rss_mib"] = resource.getrusage(rusage).ru_maxrss / 1024

@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,3 +110,38 @@ def test_ctrl_c_saves_a_checkpoint(tiny_llama_dir: Path, tiny_tokenizer_dir: Pat
     assert result.checkpoint is not None and result.checkpoint.name == "step-000002"
     assert (result.checkpoint / "trainable.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
+
+
+def test_gradient_checkpointing_computes_the_same_steps(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers.modeling_utils as modeling
+
+    from tunelab.config import load_spec
+    from tunelab.recipe import run_job
+
+    calls = []
+    original = modeling.checkpoint
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "checkpoint", counting)
+
+    def losses(checkpointing: bool) -> list[float]:
+        out = tmp_path / f"gc-{checkpointing}"
+        base = {
+            "model": {"name": str(tiny_llama_dir)},
+            "method": {"name": "lora", "r": 4, "dropout": 0.0},
+            "data": {"train": str(ROOT / "data/chat/train.jsonl"), "validation_split": 0.1},
+            "train": {"max_steps": 4, "batch_size": 2, "max_seq_len": 64, "gradient_checkpointing": checkpointing},
+            "eval": {"enabled": False},
+            "output_dir": str(out),
+        }
+        run_job(load_spec(None, base=base))
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    with_checkpointing = losses(True)
+    assert len(calls) == 4 * 2  # it is on: each of the 2 layers is checkpointed at each of the 4 steps
+    assert with_checkpointing == pytest.approx(losses(False), abs=1e-5)

@@ -121,3 +121,19 @@ def test_eval_scores_adapter_and_merged_model_like_training_did(tiny_llama_dir: 
         html = (out / "report.html").read_text(encoding="utf-8")
         assert f"{after['loss']:.4g}" in html  # the tuned model scores what training reported
         assert (out / "report.png").is_file()
+
+
+def test_sampled_generation_is_reproducible_for_a_seed(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.evaluate import generate_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = ["X:1\nT:A tune\nM:6/8\nK:D\n", "X:2\nT:Another\nM:4/4\nK:G\n"]
+
+    def sample(seed: int) -> list[str]:
+        return generate_batch(model, tokenizer, prompts, 16, sampling={"temperature": 1.0, "seed": seed})
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)  # it does sample: another seed, other tunes

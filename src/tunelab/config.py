@@ -101,6 +101,9 @@ class TrainSpec(_Spec):
     seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower than fp32 on most CPUs).")
     log_every: int = Field(1, gt=0, description="Log a metrics line every N steps.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about a third more compute."
+    )
     global_batch_size: int | None = Field(
         None,
         gt=0,

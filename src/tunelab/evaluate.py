@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -66,13 +67,18 @@ def generate_batch(
     prompts: list[str],
     max_new_tokens: int,
     batch_size: int = 8,
+    sampling: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Greedy continuations of many prompts, left-padded in batches of similar length (same output as one by one)."""
+    """Greedy continuations of many prompts, left-padded in batches of similar length (same output as one by one).
+    `sampling` (e.g. {"temperature": 0.8, "top_p": 0.95, "seed": 0}) samples instead, reproducibly for a seed."""
     model.eval()
     encoded = [encode_prompt(p, tokenizer) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths waste less padding
     outputs: dict[int, str] = {}
     pad = int(tokenizer.pad_token_id)
+    options = {k: v for k, v in (sampling or {}).items() if k != "seed"}
+    if sampling:
+        torch.manual_seed(int(sampling.get("seed", 0)))
     for start in range(0, len(order), batch_size):
         group = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in group)
@@ -82,9 +88,10 @@ def generate_batch(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=bool(sampling),
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            **options,
         )
         for row, index in zip(out, group, strict=True):
             outputs[index] = str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip()

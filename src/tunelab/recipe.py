@@ -83,6 +83,10 @@ def run_job(
 
     # Method: wrap the model; report what trains.
     model = apply_method(model, spec.method)
+    if spec.train.gradient_checkpointing:
+        # Recompute each layer's activations in backward instead of keeping them: about a third more compute for
+        # a fraction of the activation memory. Non-reentrant: works with frozen inputs (adapters) as is.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     trainable, total = count_parameters(model)
     console.print(
         f"method: {spec.method.name} — trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"

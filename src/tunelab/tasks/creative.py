@@ -3,7 +3,7 @@ Perplexity on held-out tunes, and the rate of generated tunes that are well-form
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tunelab.abc import check_tune, well_formed_rate
 from tunelab.data.formats import ChatExample
@@ -17,6 +17,9 @@ class CreativeTask(GenerativeTask):
     name = "creative"
     max_new_tokens = 256
     required = ("prompt", "completion")
+    # Greedy decoding of a small model falls into loops (a header line repeated to the end) that say nothing about
+    # what it learned; tunes are sampled, as music generation is used, seeded by train.seed.
+    sampling: ClassVar[dict[str, float]] = {"temperature": 0.8, "top_p": 0.95}
 
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
         prompt, completion = row["prompt"], row["completion"]

@@ -13,7 +13,7 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -47,6 +47,7 @@ class GenerativeTask(ABC):
     lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
     max_new_tokens: int = 48  # long enough for this scenario's answers
     required: tuple[str, ...] = ()  # fields every row must have
+    sampling: ClassVar[dict[str, float]] = {}  # empty: greedy decoding (deterministic answers to score)
 
     @abstractmethod
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
@@ -121,8 +122,13 @@ class GenerativeTask(ABC):
         metrics = self.loss_metrics(model, tokenizer, data, spec)
         items = [i for i in data.val_items if isinstance(i, Item)][: max(spec.eval.generations, spec.eval.samples)]
         prompts = [generation_prompt(i.example, tokenizer) for i in items]
+        sampling = {**self.sampling, "seed": spec.train.seed} if self.sampling else None
         outputs = generate_batch(
-            model, tokenizer, [p for p, _ in prompts], spec.eval.max_new_tokens or self.max_new_tokens
+            model,
+            tokenizer,
+            [p for p, _ in prompts],
+            spec.eval.max_new_tokens or self.max_new_tokens,
+            sampling=sampling,
         )
         details: dict[str, Any] = {}
         if spec.eval.generations:
