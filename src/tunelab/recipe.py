@@ -91,7 +91,7 @@ def run_job(
     console.print(
         f"method: {spec.method.name} — trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
     )
-    pissa_init = _save_pissa_init(model, spec, out)
+    pissa_init = _save_pissa_init(model, spec, out) if world.is_main else None  # rank 0 alone writes adapters
 
     result = train(
         model,
