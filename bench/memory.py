@@ -31,7 +31,7 @@ def child(method: str, steps: int, seq_len: int, batch: int) -> None:
     from tunelab.methods.qlora import quantization_config
     from tunelab.models import load_model, resolve
 
-    runtime = _rss_mib()  # the interpreter and libraries, before any model: the same for every method
+    runtime = _status_mib("VmRSS")  # the interpreter and libraries, before any model: the same for every method
     spec = MethodSpec(name=method)
     quant = quantization_config(spec) if get_method(method).quantized else None
     model = apply_method(load_model(resolve("embedded"), quant), spec)
@@ -44,23 +44,18 @@ def child(method: str, steps: int, seq_len: int, batch: int) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        peak_private = max(peak_private, _private_mib())
+        peak_private = max(peak_private, _status_mib("RssAnon"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     seconds = (time.perf_counter() - start) / steps
     print(json.dumps({"rss": rss, "private": peak_private, "runtime": runtime, "s_per_step": seconds}))
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: VmRSS (resident), or RssAnon (private: RSS without
+    file-backed pages such as a memory-mapped checkpoint)."""
     with open("/proc/self/status", encoding="ascii") as status:
         fields = dict(line.split(":", 1) for line in status)
-    return int(fields["VmRSS"].split()[0]) / 1024
-
-
-def _private_mib() -> float:
-    """Anonymous (private) resident memory: RSS without file-backed pages such as a memory-mapped checkpoint."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        fields = dict(line.split(":", 1) for line in status)
-    return int(fields["RssAnon"].split()[0]) / 1024
+    return int(fields[field].split()[0]) / 1024
 
 
 def planned_mib(method: str, seq_len: int, batch: int) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from tiny import ROOT
 from tunelab.config import DistributedSpec, TrainSpec, load_spec
 from tunelab.errors import ConfigError
-from tunelab.train.distributed import check_batch, deepspeed_config
+from tunelab.train.distributed import check_batch, deepspeed_config, free_port
 
 # Per-step losses agree to float summation order; measured differences are ~1e-6.
 LOSS_TOL = 1e-4
@@ -41,16 +40,10 @@ def _spec(tmp_path: Path, model_dir: Path) -> Path:
     return spec
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _train(spec: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--set", f"output_dir={out}", *args]
     if "--nproc" in args:
-        command += ["--master-port", str(_free_port())]
+        command += ["--master-port", str(free_port())]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -120,7 +113,7 @@ def test_resume_with_another_process_count_is_refused(one_process: Path, tiny_ll
     shutil.copytree(one_process / "checkpoints", run / "checkpoints")
     command = [sys.executable, "-m", "tunelab.cli", "train", str(_spec(tmp_path, tiny_llama_dir))]
     command += ["--set", f"output_dir={run}", "--set", "distributed.strategy=ddp", "--resume"]
-    command += ["--nproc", "2", "--master-port", str(_free_port())]
+    command += ["--nproc", "2", "--master-port", str(free_port())]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "resume with --nproc 1" in result.stderr

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -226,7 +225,9 @@ def _measure(name: str, spec_path: Path, settings: BenchSettings, on_line: Calla
     zero = name in ZERO_ROWS
     command = [sys.executable, "-m", "tunelab.cli", "train", str(spec_path)]
     if zero:
-        command += ["--nproc", str(settings.nproc), "--master-port", str(_free_port())]
+        from tunelab.train.distributed import free_port
+
+        command += ["--nproc", str(settings.nproc), "--master-port", str(free_port())]
     log = settings.out_dir / "logs" / f"{name}.log"
     child = run_child(command, log, on_line)
     base = (
@@ -356,12 +357,6 @@ def _drop_byproducts(run_dir: Path) -> None:
     gigabytes per row."""
     for name in ("merged", "checkpoints"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _progress(console: Console) -> Progress:

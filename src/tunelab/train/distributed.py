@@ -8,6 +8,7 @@ each global micro-batch; rank 0 alone evaluates, writes the report and exports.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,6 +132,13 @@ def prebuild_deepspeed_ops() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible(verbose=False):
         builder.load(verbose=False)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launch's rendezvous (tests and benchmarks run several)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def launch_command(
