@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
 from tunelab.cli import app
@@ -46,6 +47,7 @@ def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tm
     assert (run / "report.html").is_file() and (run / "report.png").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 8
     assert "trainable parameters" in result.output
+    assert "longer than train.max_seq_len=64 were truncated" in result.output  # counted and warned, not silent
 
     tok = AutoTokenizer.from_pretrained(run / "merged")
     ids = torch.tensor([tok("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")["input_ids"]])
@@ -77,6 +79,31 @@ def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tm
         ],
     )
     assert gen.exit_code == 0, gen.output
+    assert gen.stdout.strip() == _reply(adapted, tok, [{"role": "user", "content": "hello"}], 5)
+
+
+def _reply(model: torch.nn.Module, tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], n: int) -> str:
+    """The greedy answer, computed with transformers alone."""
+    ids = torch.tensor(
+        [tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))["input_ids"]]
+    )
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
+
+
+def test_chat_keeps_the_conversation_and_ends_at_end_of_input(tiny_llama_dir: Path) -> None:
+    result = runner.invoke(
+        app, ["chat", "--model", str(tiny_llama_dir), "--max-new-tokens", "6"], input="hello\nhow are you\n"
+    )
+    assert result.exit_code == 0, result.output
+    replies = [line.removeprefix("model> ") for line in result.stdout.splitlines() if line.startswith("model> ")]
+    assert len(replies) == 2
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    history = [{"role": "user", "content": "hello"}]
+    assert replies[0] == _reply(model, tok, history, 6)
+    history += [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "how are you"}]
+    assert replies[1] == _reply(model, tok, history, 6)  # the second turn sees the first
 
 
 def test_prefix_tuning_trains_and_exports_adapter_only(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -89,7 +116,8 @@ def test_prefix_tuning_trains_and_exports_adapter_only(tiny_llama_dir: Path, tmp
 
 def test_resume_continues_from_the_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
     spec = _spec(tmp_path, tiny_llama_dir)
-    runner.invoke(app, ["train", str(spec), "--set", "train.max_steps=4", "--set", "eval.enabled=false"])
+    first = runner.invoke(app, ["train", str(spec), "--set", "train.max_steps=4", "--set", "eval.enabled=false"])
+    assert first.exit_code == 0, first.output
     resumed = runner.invoke(app, ["train", str(spec), "--resume", "--set", "eval.enabled=false"])
     assert resumed.exit_code == 0, resumed.output
     steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
@@ -125,9 +153,32 @@ def test_data_validate_reports_lines_and_exit_code(tmp_path: Path) -> None:
     assert "bad.jsonl:1" in result.output and "bad.jsonl:2" in result.output
 
 
-def test_data_preview_marks_trained_tokens(tiny_llama_dir: Path) -> None:
-    result = runner.invoke(
-        app, ["data", "preview", str(ROOT / "data/chat/validation.jsonl"), "--model", str(tiny_llama_dir), "--n", "1"]
-    )
+def test_data_validate_counts_tokens_with_the_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    long = {"messages": [{"role": "user", "content": "tell me " * 40}, {"role": "assistant", "content": "no"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [short] * 10 + [long]) + "\n", encoding="utf-8")
+    args = ["data", "validate", str(path), "--max-seq-len", "48"]
+    result = runner.invoke(app, [*args, "--model", str(tiny_llama_dir)])
+    assert result.exit_code == 0, result.output  # over-long examples are a warning: they are truncated
+    warning = next(line for line in result.stdout.splitlines() if "too_long" in line)
+    assert "line 11" in warning and "lines 1" not in warning
+    assert "tokens: OK" in result.stdout
+    assert "lengths not checked" in runner.invoke(app, args).output
+
+
+def test_data_preview_marks_trained_tokens(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    row = {
+        "messages": [
+            {"role": "user", "content": "what is two"},
+            {"role": "assistant", "content": "a number", "weight": 0},
+            {"role": "user", "content": "and three"},
+            {"role": "assistant", "content": "also a number"},
+        ]
+    }
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    result = runner.invoke(app, ["data", "preview", str(path), "--model", str(tiny_llama_dir)])
     assert result.exit_code == 0, result.output
-    assert "trained" in result.output
+    marked = re.findall(r"⟦(.*?)⟧", result.stdout, re.S)
+    assert len(marked) == 1 and marked[0].startswith("also a number<|im_end|>")  # weight 0 and prompts unmarked

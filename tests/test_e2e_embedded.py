@@ -11,10 +11,13 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
-from tunelab.models import embedded_model_dir
+from tunelab.cli import app
+from tunelab.models import _embedded_gguf_path, embedded_model_dir
 
 ROOT = Path(__file__).parents[1]
+runner = CliRunner()
 
 
 @pytest.mark.slow
@@ -61,3 +64,15 @@ def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 10, "do_sample": False}
     assert merged.generate(ids, **kw).tolist() == adapted.generate(ids, **kw).tolist()
+
+
+@pytest.mark.slow
+def test_a_gguf_file_loads_as_the_model() -> None:
+    """`model.name: file.gguf` dequantises the file on load: it answers like the embedded model converted from it."""
+    gguf = _embedded_gguf_path()
+    args = ["generate", "what is your name", "--max-new-tokens", "12"]
+    from_gguf = runner.invoke(app, [*args, "--model", str(gguf)])
+    assert from_gguf.exit_code == 0, from_gguf.output
+    embedded = runner.invoke(app, [*args, "--model", "embedded"])
+    assert embedded.exit_code == 0, embedded.output
+    assert from_gguf.stdout.strip() and from_gguf.stdout == embedded.stdout

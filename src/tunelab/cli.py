@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -195,12 +196,17 @@ def generate_cmd(
 
         if adapter is not None:
             raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
-        out.print(generate_onnx(onnx, prompt, max_new_tokens, raw=raw))
+        _print_text(generate_onnx(onnx, prompt, max_new_tokens, raw=raw))
         return
 
     loaded, tokenizer = load_for_inference(model, adapter)
     text = prompt if raw else chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
-    out.print(generate(loaded, tokenizer, text, max_new_tokens))
+    _print_text(generate(loaded, tokenizer, text, max_new_tokens))
+
+
+def _print_text(text: str) -> None:
+    """Model output is printed as is: brackets in it are text, not rich markup."""
+    out.print(text, markup=False, highlight=False)
 
 
 @app.command("chat")
@@ -217,13 +223,26 @@ def chat_cmd(
 
     loaded, tokenizer = load_for_inference(model, adapter)
     messages = [{"role": "system", "content": system}] if system else []
-    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), ""):
+    for line in _user_lines():
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.strip()})
         reply = generate(loaded, tokenizer, chat_prompt(tokenizer, messages), max_new_tokens)
         messages.append({"role": "assistant", "content": reply})
-        out.print(f"model> {reply}")
+        _print_text(f"model> {reply}")
+
+
+def _user_lines() -> Iterator[str]:
+    """Lines typed at the prompt, or piped in; Ctrl-D or Ctrl-C at the prompt ends the chat quietly."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
 
 
 @app.command("plan")
@@ -374,6 +393,8 @@ def data_validate_cmd(
         f"{file}: {report.format or 'unknown format'}, {report.n_rows} rows, "
         f"{len(report.examples)} valid examples{tokens}: {'OK' if report.ok else 'NOT OK'}"
     )
+    if counter is None:
+        console.print("lengths not checked: pass --model (e.g. embedded) to count tokens against --max-seq-len")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -386,18 +407,22 @@ def data_preview_cmd(
     n: Annotated[int, typer.Option(help="How many examples.")] = 2,
     max_seq_len: Annotated[int, typer.Option()] = 512,
 ) -> None:
-    """Print examples as the model sees them; trained tokens are highlighted (green), the rest dim."""
+    """Print examples as the model sees them; trained tokens in green (⟦marked⟧ when piped), the rest dim."""
     from tunelab.data.render import IGNORE, tokenize
     from tunelab.data.validate import load_chat_examples
     from tunelab.models import load_tokenizer, resolve
 
     tokenizer = load_tokenizer(resolve(model))
+    # Colour on a terminal; piped or redirected output marks the trained spans with ⟦ ⟧ instead.
+    trained_style, other_style = ("[bold green]{}[/]", "[dim]{}[/]") if out.is_terminal else ("⟦{}⟧", "{}")
     for example in load_chat_examples(file, min_examples=1)[:n]:
         tok = tokenize(example, tokenizer, max_seq_len)
         out.rule(f"line {example.line}: {len(tok.input_ids)} tokens, {tok.n_trained} trained")
-        for token_id, label in zip(tok.input_ids, tok.labels, strict=True):
-            piece = escape(str(tokenizer.decode([token_id])))
-            out.print(f"[bold green]{piece}[/]" if label != IGNORE else f"[dim]{piece}[/]", end="")
+        pairs = zip(tok.input_ids, tok.labels, strict=True)
+        for trained, group in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE):
+            # A span is decoded whole, so characters split across tokens come out right.
+            piece = escape(str(tokenizer.decode([token_id for token_id, _ in group])))
+            out.print((trained_style if trained else other_style).format(piece), end="", highlight=False)
         out.print()
 
 

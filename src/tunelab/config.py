@@ -163,7 +163,7 @@ class JobSpec(_Spec):
         from tunelab.methods import get_method, method_names
 
         if self.method.name not in method_names():
-            return self  # reported by validate_semantics, with the list of valid names
+            return self  # reported by _field_problems, with the list of valid names
         info = get_method(self.method.name)
         if self.task.approach == "head":
             _check_head(self.method.name, self.train.packing)
@@ -224,40 +224,48 @@ def load_spec(path: Path | None, overrides: list[str] | None = None, base: dict[
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         problems.extend(_explain(err) for err in exc.errors())
+    # Checks on single fields run even when the schema failed, so one pass reports everything it can.
+    problems.extend(_field_problems(raw))
     if spec is not None:
-        problems.extend(validate_semantics(spec))
+        problems.extend(_cross_field_problems(spec))
     if problems:
         raise ConfigError(problems)
     assert spec is not None  # narrowed for mypy: no problems means validation succeeded
     return spec
 
 
-def validate_semantics(spec: JobSpec) -> list[Problem]:
-    """Checks that need more than one field or a registry."""
-    from tunelab.methods import get_method, method_names
+def _field_problems(raw: dict[str, Any]) -> list[Problem]:
+    """Checks of one field that need a registry or the disk, read from the raw spec (valid or not)."""
+    from tunelab.methods import method_names
 
     problems = []
+    method = raw.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
     names = method_names()
-    if spec.method.name not in names:
-        problems.append(
-            Problem(
-                "method.name",
-                f"unknown method {spec.method.name!r}",
-                _closest(spec.method.name, names) or f"valid methods: {', '.join(names)}",
-            )
-        )
-    elif get_method(spec.method.name).quantized and spec.distributed.strategy.startswith("zero"):
-        problems.append(
+    if isinstance(name, str) and name not in names:
+        hint = " ".join(filter(None, [_closest(name, names), f"valid methods: {', '.join(names)}"]))
+        problems.append(Problem("method.name", f"unknown method {name!r}", hint))
+    data = raw.get("data")
+    for key in ("train", "validation"):
+        file = data.get(key) if isinstance(data, dict) else None
+        if isinstance(file, str | Path) and not Path(file).is_file():
+            problems.append(Problem(f"data.{key}", f"file not found: {file}", "give a path relative to the spec file"))
+    return problems
+
+
+def _cross_field_problems(spec: JobSpec) -> list[Problem]:
+    """Checks that need more than one field of a valid spec."""
+    from tunelab.methods import get_method
+
+    if get_method(spec.method.name).quantized and spec.distributed.strategy.startswith("zero"):
+        return [
             Problem(
                 "distributed.strategy",
                 f"{spec.method.name} (a 4-bit base) cannot be sharded by DeepSpeed ZeRO",
                 "use strategy: ddp, or method lora with a ZeRO strategy",
             )
-        )
-    for field, file in (("data.train", spec.data.train), ("data.validation", spec.data.validation)):
-        if file is not None and not file.is_file():
-            problems.append(Problem(field, f"file not found: {file}", "give a path relative to the spec file"))
-    return problems
+        ]
+    return []
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -196,7 +196,11 @@ def _from_pretrained(cls: Any, source: ModelSource, **kwargs: object) -> Any:
     try:
         return cls.from_pretrained(source.path, **kwargs)
     except OSError as exc:
-        raise missing from exc
+        raise ModelError(
+            f"model {source.path!r} could not be loaded from the Hugging Face hub ({exc}). Check the id (gated "
+            "models also need HF_TOKEN), or pass a local folder (model.name: /path/to/model), a .gguf file, "
+            "or 'embedded'."
+        ) from exc
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -162,7 +162,8 @@ def _count(report: ValidationReport, count_tokens: Callable[[ChatExample], int],
         report.warnings.append(
             Problem(
                 report.path.name,
-                f"{len(long_lines)} example(s) longer than {max_seq_len} tokens (lines {shown}) will be truncated",
+                f"{len(long_lines)} example(s) longer than {max_seq_len} tokens "
+                f"({'line' if len(long_lines) == 1 else 'lines'} {shown}) will be truncated",
                 "raise train.max_seq_len or shorten them",
                 "too_long",
             )
