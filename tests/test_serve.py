@@ -20,11 +20,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
+from tunelab.data.render import encode_prompt
 from tunelab.errors import TunelabError
 from tunelab.inference import chat_prompt
 from tunelab.serve.app import create_app
 from tunelab.serve.cli import parse_adapters, serve_app
 from tunelab.serve.engines import TorchEngine, build_engine
+from tunelab.serve.generation import Sampling, pick_token
 
 QUESTION = "what is your name"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
@@ -50,10 +52,14 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="not-needed", max_retries=0, timeout=60)
 
 
-def greedy_answer(model: Any, tokenizer: PreTrainedTokenizerBase, question: str, max_tokens: int) -> str:
+def greedy_ids(model: Any, tokenizer: PreTrainedTokenizerBase, question: str, max_tokens: int) -> list[int]:
     ids = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": question}]), return_tensors="pt").input_ids
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return [int(t) for t in out[0, ids.shape[1] :]]
+
+
+def greedy_answer(model: Any, tokenizer: PreTrainedTokenizerBase, question: str, max_tokens: int) -> str:
+    return str(tokenizer.decode(greedy_ids(model, tokenizer, question, max_tokens), skip_special_tokens=True))
 
 
 def _free_port() -> int:
@@ -168,6 +174,37 @@ def test_completions_stop_string_ends_the_text_before_it(server: Server) -> None
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
 
 
+def test_chat_stop_strings_streamed_or_not(server: Server, tiny_llama_dir: Path) -> None:
+    tokenizer = server.engine.tokenizer
+    ids = greedy_ids(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tokenizer, QUESTION, MAX_TOKENS)
+    text = str(tokenizer.decode(ids, skip_special_tokens=True))
+    assert text == server.expected["tiny"]
+    # A stop string that starts in one token and ends in the next: a stream that sent each token's text as soon
+    # as it came would send the stop's first character before the next token completes the stop.
+    ends = [len(prefix) for k in range(1, len(ids)) if text.startswith(prefix := tokenizer.decode(ids[:k]))]
+    candidates = [text[end - 1 : end + 2] for end in ends if 2 <= end <= len(text) - 2]
+    stop = next(c for c in candidates if c.isprintable() and text.index(c) + 1 in ends)
+    never = text[-2:] + "\u2603"  # the answer ends with the start of this stop string, which never completes
+    assert never not in text
+    client = server.client()
+
+    def ask(stops: list[str]) -> tuple[str, str | None, str, str | None]:
+        reply = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, stop=stops
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, stop=stops, stream=True
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        return str(reply.choices[0].message.content), reply.choices[0].finish_reason, streamed, finish
+
+    assert ask([never, stop]) == (text[: text.index(stop)], "stop", text[: text.index(stop)], "stop")
+    assert ask([never]) == (text, "length", text, "length")
+
+
 def test_seeded_sampling_repeats(server: Server) -> None:
     client = server.client()
     first, second = (
@@ -177,6 +214,51 @@ def test_seeded_sampling_repeats(server: Server) -> None:
         for _ in range(2)
     )
     assert first == second
+
+
+def sampled(server: Server, **params: Any) -> str:
+    reply = server.client().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=MAX_TOKENS, **params)
+    return str(reply.choices[0].message.content)
+
+
+def test_different_seeds_sample_different_answers(server: Server) -> None:
+    # The tiny model's next-token distribution is close to uniform over ~500 tokens: at temperature 1 two seeds
+    # agreeing on 12 tokens, or a seed picking the greedy answer, would mean the seed or the sampling is ignored.
+    answers = [sampled(server, temperature=1.0, top_p=1.0, seed=seed) for seed in (1, 2, 3, 4)]
+    assert len(set(answers)) == len(answers), answers
+    assert server.expected["alpha"] not in answers
+    assert sampled(server, temperature=1.0, top_p=1.0, seed=3) == answers[2]
+
+
+def test_temperature_zero_and_tiny_top_p_are_greedy(server: Server) -> None:
+    greedy = server.expected["alpha"]  # transformers' own greedy generate
+    for seed in (1, 2):
+        assert sampled(server, temperature=0, top_p=1.0, seed=seed) == greedy
+        assert sampled(server, temperature=0, top_p=0.5, seed=seed) == greedy
+        # The nucleus of top_p=0.001 is the most likely token alone (its probability is at least 1/vocab).
+        assert sampled(server, temperature=1.0, top_p=0.001, seed=seed) == greedy
+        assert sampled(server, temperature=2.0, top_p=0.001, seed=seed) == greedy
+    # Completions sample the same way: temperature 0 continues the raw text greedily.
+    prompt = chat_prompt(server.engine.tokenizer, [{"role": "user", "content": QUESTION}])
+    client = server.client()
+    raw = client.completions.create(model="alpha", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, seed=9)
+    assert raw.choices[0].text == greedy
+
+
+def test_top_p_samples_only_from_the_nucleus() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    rng = torch.Generator().manual_seed(0)
+
+    def draws(top_p: float, temperature: float = 1.0) -> set[int]:
+        sampling = Sampling(max_tokens=1, temperature=temperature, top_p=top_p)
+        return {pick_token(logits, sampling, rng) for _ in range(300)}
+
+    assert draws(1.0) == {0, 1, 2, 3}
+    assert draws(0.9) == {0, 1, 2}  # 0.5 + 0.3 < 0.9: the third token is needed to reach it
+    assert draws(0.75) == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
+    assert draws(0.4) == {0}
+    assert draws(1.0, temperature=0) == {0}
+    assert draws(1.0, temperature=0.02) == {0}  # (0.5 / 0.3) ** 50 > 1e11: the others all but vanish
 
 
 def test_unknown_model_is_a_404_with_openai_error(server: Server) -> None:
@@ -189,6 +271,29 @@ def test_unknown_model_is_a_404_with_openai_error(server: Server) -> None:
     assert error["type"] == "invalid_request_error" and error["param"] == "model"
     with pytest.raises(openai.NotFoundError):  # a stream fails before it starts, with the same error
         server.client().chat.completions.create(model="nope", messages=MESSAGES, stream=True)
+
+
+def _assert_model_not_found(info: pytest.ExceptionInfo[openai.NotFoundError], model: str) -> None:
+    assert info.value.status_code == 404
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["message"] == f"The model `{model}` does not exist or you do not have access to it."
+
+
+def test_unknown_model_is_a_404_on_completions_and_model_retrieval(server: Server) -> None:
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt="hello", max_tokens=2)
+    _assert_model_not_found(info, "nope")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt="hello", max_tokens=2, stream=True)
+    _assert_model_not_found(info, "nope")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gamma")
+    _assert_model_not_found(info, "gamma")
+    with pytest.raises(openai.NotFoundError) as info:  # ids may contain slashes, like hub ids
+        client.models.retrieve("org/tiny")
+    _assert_model_not_found(info, "org/tiny")
 
 
 def test_negative_max_tokens_is_a_400_naming_the_parameter(server: Server) -> None:
@@ -207,6 +312,31 @@ def test_over_long_prompt_is_a_400_context_length_exceeded(server: Server) -> No
     assert "maximum context length is 512 tokens" in error["message"]
 
 
+def test_over_long_chat_is_a_400_context_length_exceeded(server: Server) -> None:
+    client = server.client()
+    long_messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there " * 400}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="alpha", messages=long_messages, max_tokens=10, stream=stream)
+        error = info.value.body
+        assert isinstance(error, dict) and error["code"] == "context_length_exceeded"
+        assert error["param"] == "messages" and error["type"] == "invalid_request_error"
+        assert "maximum context length is 512 tokens" in error["message"] and "in the messages" in error["message"]
+    # A short prompt with too many completion tokens: both counts are in the message.
+    prompt_tokens = len(
+        encode_prompt(
+            chat_prompt(server.engine.tokenizer, [{"role": "user", "content": QUESTION}]), server.engine.tokenizer
+        )
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=500)
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "context_length_exceeded"
+    assert f"({prompt_tokens} in the messages, 500 in the completion)" in error["message"]
+    fits = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=512 - prompt_tokens)
+    assert fits.choices[0].message.content is not None
+
+
 def test_other_bad_requests_are_openai_shaped(server: Server) -> None:
     url = f"{server.url}/v1/chat/completions"
     cases = [
@@ -215,12 +345,32 @@ def test_other_bad_requests_are_openai_shaped(server: Server) -> None:
         (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
         (b'{"model": "alpha", "messages": [{"role": "robot", "content": "hi"}]}', 400, "messages[0].role"),
         (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+        (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}', 400, "temperature"),
+        (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}', 400, "top_p"),
+        (
+            b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}],'
+            b' "tools": [{"type": "function", "function": {"name": "f"}}]}',
+            400,
+            "tools",
+        ),
     ]
     for body, status, param in cases:
         response = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert response.status_code == status, body
         error = response.json()["error"]
         assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    completions = [
+        (b'{"model": "alpha", "prompt": "hi", "temperature": 3}', "temperature"),
+        (b'{"model": "alpha", "prompt": "hi", "tools": []}', "tools"),
+        (b'{"model": "alpha", "prompt": "hi", "max_tokens": -5}', "max_tokens"),
+    ]
+    for body, param in completions:
+        response = httpx.post(
+            f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, body
+        error = response.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error" and param in error["message"]
     missing = httpx.get(f"{server.url}/v1/nothing-here")
     assert missing.status_code == 404 and missing.json()["error"]["message"]
 

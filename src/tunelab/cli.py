@@ -205,8 +205,8 @@ def generate_cmd(
 
 
 def _print_text(text: str) -> None:
-    """Model output is printed as is: brackets in it are text, not rich markup."""
-    out.print(text, markup=False, highlight=False)
+    """Model output is printed byte for byte: rich would read brackets as markup and drop control characters."""
+    typer.echo(text)
 
 
 @app.command("chat")
