@@ -49,7 +49,7 @@ def _trained_text(tok: PreTrainedTokenizerBase, example: ChatExample, **kw: bool
 def test_only_assistant_replies_and_their_eos_are_trained(tokenizer: PreTrainedTokenizerBase) -> None:
     t = tokenize(CONVO, tokenizer)
     trained = _trained_text(tokenizer, CONVO)
-    assert trained == "hi<|im_end|>\nfine, thanks<|im_end|>\n"
+    assert trained == "hi<|im_end|>fine, thanks<|im_end|>"  # not the template's newline after the turn
     assert tokenizer.eos_token_id in [label for label in t.labels if label != IGNORE]
     # The prompt is fully masked: no user or system text leaks into the loss.
     assert "hello" not in trained and "terse" not in trained and "assistant" not in trained
@@ -63,7 +63,7 @@ def test_train_on_prompt_trains_every_token(tokenizer: PreTrainedTokenizerBase) 
 def test_weight_zero_message_is_not_trained(tokenizer: PreTrainedTokenizerBase) -> None:
     msgs = list(CONVO.messages)
     msgs[2] = Message("assistant", "hi", trained=False)
-    assert _trained_text(tokenizer, ChatExample(1, messages=msgs)) == "fine, thanks<|im_end|>\n"
+    assert _trained_text(tokenizer, ChatExample(1, messages=msgs)) == "fine, thanks<|im_end|>"
 
 
 def test_prompt_completion_trains_completion_and_eos(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -78,6 +78,8 @@ def _trained_spans(
         # The header ("<|im_start|>assistant\n") is the generation prompt: the model never has to produce it.
         start = len(_template(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(_template(tokenizer, messages[: i + 1]))
+        # The turn ends with its end-of-turn token; the template's newline after it is never generated.
+        end = start + len(text[start:end].rstrip())
         if not text.startswith(_template(tokenizer, messages[: i + 1])):
             raise DataError(
                 [
