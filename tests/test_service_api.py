@@ -1,10 +1,12 @@
 """The HTTP API in-process (FastAPI TestClient): file validation codes, job request errors, the job state machine,
-pagination, and tenant isolation on every route. One job runs to completion in-process on the tiny model."""
+pagination, chat request checks and stop strings, and tenant isolation on every route. One job runs to completion
+in-process on the tiny model."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
+from transformers import AutoTokenizer
 
 from service_support import DATABASES, FAST, NO_EVAL, chat_file, fresh_store
+from tiny import CHAT_TEMPLATE
 from tunelab.service.api import create_app
 from tunelab.service.errors import ApiError
 from tunelab.service.files import sanitise_filename, save_upload
@@ -46,10 +50,9 @@ class Api:
         return self.call("POST", "/fine_tuning/jobs", who, json=body)
 
 
-def _api(tmp: Path, tiny_llama_dir: Path, kind: str) -> Iterator[Api]:
-    settings = ServiceSettings(
-        data_dir=tmp / "svc", models={"tiny": str(tiny_llama_dir)}, max_line_bytes=4096, max_file_bytes=300_000
-    )
+def _api(tmp: Path, tiny_llama_dir: Path, kind: str, more_models: dict[str, Path] | None = None) -> Iterator[Api]:
+    models = {"tiny": str(tiny_llama_dir), **{name: str(path) for name, path in (more_models or {}).items()}}
+    settings = ServiceSettings(data_dir=tmp / "svc", models=models, max_line_bytes=4096, max_file_bytes=300_000)
     store = fresh_store(kind, tmp)
     with TestClient(create_app(settings, store)) as client:
         keys = {name: store.create_key(name)[1] for name in ("a", "b")}
@@ -84,6 +87,15 @@ def test_file_upload_list_content_delete(api: Api, good_file: bytes) -> None:
     assert deleted == {"id": created["id"], "object": "file", "deleted": True}
     assert _error(api.call("GET", f"/files/{created['id']}"), 404)["code"] == "file_not_found"
     assert list((api.settings.files_dir).iterdir()) == []
+
+
+def test_upload_purpose_other_than_fine_tune(api: Api, good_file: bytes) -> None:
+    files = {"file": ("train.jsonl", good_file, "application/jsonl")}
+    for purpose in ("assistants", "batch", "fine-tune-results"):
+        error = _error(api.call("POST", "/files", files=files, data={"purpose": purpose}), 400)
+        assert (error["code"], error["param"]) == ("invalid_purpose", "purpose"), (purpose, error)
+        assert "use 'fine-tune'" in error["message"]
+    assert api.call("GET", "/files").json()["data"] == [] and not list(api.settings.files_dir.glob("*"))
 
 
 def test_sanitised_names() -> None:
@@ -134,7 +146,6 @@ def test_job_request_errors(api: Api, good_file: bytes) -> None:
     file_id = api.upload(good_file)["id"]
     cases: list[tuple[dict[str, Any], str, str | None]] = [
         ({"model": "gpt-4o"}, "model_not_available", "model"),
-        ({"training_file": "file-nope"}, "invalid_file", "training_file"),
         ({"method": {"type": "dpo"}}, "unsupported_method", "method.type"),
         ({"tunelab": {"method": "lorra"}}, "invalid_spec", "tunelab.method"),
         ({"tunelab": {"spec": {"train": {"lrr": 1}}}}, "invalid_spec", "tunelab.spec.train.lrr"),
@@ -149,6 +160,11 @@ def test_job_request_errors(api: Api, good_file: bytes) -> None:
         ),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, "invalid_value", None),
         ({"suffix": "x" * 65}, "invalid_value", "suffix"),
+        ({"suffix": "a:b"}, "invalid_value", "suffix"),
+        ({"suffix": "my model"}, "invalid_value", "suffix"),
+        ({"suffix": "team/model"}, "invalid_value", "suffix"),
+        ({"suffix": "tab\there"}, "invalid_value", "suffix"),
+        ({"suffix": "line-end\n"}, "invalid_value", "suffix"),
     ]
     for body, code, param in cases:
         error = _error(api.create_job(file_id, **body), 400)
@@ -158,6 +174,7 @@ def test_job_request_errors(api: Api, good_file: bytes) -> None:
     assert (
         "did you mean 'lr'" in _error(api.create_job(file_id, tunelab={"spec": {"train": {"lrr": 1}}}), 400)["message"]
     )
+    assert "Invalid suffix 'a:b'" in _error(api.create_job(file_id, suffix="a:b"), 400)["message"]
     missing = api.call("POST", "/fine_tuning/jobs", json={"model": "tiny"})
     assert _error(missing, 400) == {
         "code": "missing_required_parameter",
@@ -165,6 +182,28 @@ def test_job_request_errors(api: Api, good_file: bytes) -> None:
         "param": "training_file",
         "type": "invalid_request_error",
     }
+
+
+def test_suffixes_that_keep_the_model_name_unambiguous(api: Api, good_file: bytes) -> None:
+    file_id = api.upload(good_file)["id"]
+    for suffix in ("chat", "v1.2-beta_3", "x" * 64, ""):
+        response = api.create_job(file_id, suffix=suffix)
+        assert response.status_code == 200, (suffix, response.text)
+
+
+@pytest.mark.parametrize("param", ["training_file", "validation_file"])
+def test_a_missing_or_other_projects_file_is_not_found(api: Api, good_file: bytes, param: str) -> None:
+    """Another project's file answers exactly as a file that does not exist: 404, naming the field."""
+    own = api.upload(good_file)["id"]
+    theirs = api.upload(good_file, who="b")["id"]
+    errors = {}
+    for file_id in ("file-doesnotexist00000000000", theirs):
+        errors[file_id] = error = _error(api.create_job(own, **{param: file_id}), 404)
+        assert (error["code"], error["param"], error["type"]) == ("file_not_found", param, "invalid_request_error")
+    shown = {error["message"].replace(file_id, "<id>") for file_id, error in errors.items()}
+    assert len(shown) == 1, shown  # the same words for both: whether the id exists does not leak
+    assert api.call("GET", "/fine_tuning/jobs", who="a").json()["data"] == []  # no job was created
+    assert api.create_job(theirs, who="b").status_code == 200  # the file itself is fine for its owner
 
 
 def test_hyperparameters_resolve_into_the_spec(api: Api, good_file: bytes) -> None:
@@ -201,6 +240,14 @@ def test_list_jobs_pages_and_filters(api: Api, good_file: bytes) -> None:
     assert [j["id"] for j in rest["data"]] == ids[::-1][2:] and not rest["has_more"]
     odd = api.call("GET", "/fine_tuning/jobs", params={"metadata[n]": "1"}).json()
     assert [j["id"] for j in odd["data"]] == [ids[3], ids[1]]
+    bare = [api.create_job(file_id).json()["id"] for _ in range(3)]  # no metadata
+    without = api.call("GET", "/fine_tuning/jobs", params={"metadata": "null"}).json()
+    assert [j["id"] for j in without["data"]] == bare[::-1] and all(j["metadata"] is None for j in without["data"])
+    first = api.call("GET", "/fine_tuning/jobs", params={"metadata": "null", "limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == bare[:0:-1] and first["has_more"]
+    last = api.call("GET", "/fine_tuning/jobs", params={"metadata": "null", "after": first["last_id"]}).json()
+    assert [j["id"] for j in last["data"]] == [bare[0]] and not last["has_more"]
+    assert len(api.call("GET", "/fine_tuning/jobs", params={"limit": 100}).json()["data"]) == 8
 
 
 def test_authentication(api: Api) -> None:
@@ -263,6 +310,124 @@ def test_chat_with_each_kind_of_model(trained: Trained, which: str) -> None:
     assert again["choices"][0]["message"]["content"] == reply["choices"][0]["message"]["content"]  # greedy
 
 
+# Chat requests: checked before generation (and before a stream starts), and stop strings.
+
+STRICT_TEMPLATE = (  # the tiny model's template, refusing tool messages as some real templates do
+    "{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "{{ raise_exception('tool messages must follow an assistant tool call') }}{% endif %}{% endfor %}" + CHAT_TEMPLATE
+)
+
+
+@pytest.fixture(scope="module")
+def chat_api(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[Api]:
+    """An API with the tiny model, and the same model with a stricter chat template as "strict"."""
+    tmp = tmp_path_factory.mktemp("chat")
+    strict = shutil.copytree(tiny_llama_dir, tmp / "strict")
+    tokenizer = AutoTokenizer.from_pretrained(strict)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    tokenizer.save_pretrained(strict)
+    yield from _api(tmp, tiny_llama_dir, "sqlite", {"strict": strict})
+
+
+def _chat(api: Api, content: str = "What is the capital of France?", model: str = "tiny", **body: Any) -> Response:
+    messages = [{"role": "user", "content": content}]
+    return api.call("POST", "/chat/completions", json={"model": model, "messages": messages, **body})
+
+
+def _streamed(response: Response) -> tuple[str, list[dict[str, Any]]]:
+    """The text of a streamed reply and its chunks."""
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), chunks
+
+
+def test_a_prompt_longer_than_the_context_is_refused(chat_api: Api) -> None:
+    long = "word " * 600  # over 512 tokens, the tiny model's context
+    for stream in (False, True):
+        error = _error(_chat(chat_api, long, max_tokens=2, stream=stream), 400)
+        assert (error["code"], error["param"]) == ("context_length_exceeded", "messages"), error
+        assert error["message"].startswith("This model's maximum context length is 512 tokens.")
+    # The prompt fits, but not with the completion asked for.
+    error = _error(_chat(chat_api, "hi", max_tokens=600, stream=True), 400)
+    assert error["code"] == "context_length_exceeded" and "600 in the completion" in error["message"]
+    # Without max_tokens, the completion gets the room that is left.
+    fits = _chat(chat_api, "word " * 240, temperature=0).json()
+    assert fits["usage"]["total_tokens"] <= 512 and fits["usage"]["prompt_tokens"] > 256
+
+
+def test_a_template_error_is_a_400_even_when_streaming(chat_api: Api) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]
+    for stream in (False, True):
+        body = {"model": "strict", "messages": messages, "max_tokens": 2, "stream": stream}
+        error = _error(chat_api.call("POST", "/chat/completions", json=body), 400)
+        assert (error["code"], error["param"]) == ("invalid_messages", "messages"), error
+        assert "tool messages must follow an assistant tool call" in error["message"]
+    assert _chat(chat_api, model="strict", max_tokens=2, stream=True).status_code == 200  # a user message is fine
+
+
+def _stop_in(text: str) -> str:
+    """Three letters from the middle of `text` (the reply of the tiny model is noise), found there first."""
+    for i in range(len(text) // 3, len(text) - 3):
+        stop = text[i : i + 3]
+        if stop.isalpha() and stop.isascii() and text.index(stop) > 0:
+            return stop
+    raise AssertionError(f"no stop string found in {text!r}")
+
+
+def test_stop_strings_end_the_reply_before_them(chat_api: Api) -> None:
+    full = _chat(chat_api, max_tokens=24, temperature=0).json()["choices"][0]
+    assert full["finish_reason"] == "length"
+    stop = _stop_in(full["message"]["content"])
+    expected = full["message"]["content"][: full["message"]["content"].index(stop)]
+    cut = _chat(chat_api, max_tokens=24, temperature=0, stop=["never-generated", stop]).json()
+    assert cut["choices"][0]["message"]["content"] == expected and cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < 24
+    text, chunks = _streamed(_chat(chat_api, max_tokens=24, temperature=0, stop=stop, stream=True))
+    assert text == expected  # no piece of the stop string was ever sent, not even one held back at a chunk's end
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    error = _error(_chat(chat_api, stop=["a", "b", "c", "d", "e"]), 400)
+    assert (error["code"], error["param"]) == ("invalid_value", "stop")
+
+
+def test_events_and_checkpoints_pages(trained: Trained) -> None:
+    api, path = trained.api, f"/fine_tuning/jobs/{trained.job['id']}"
+    everything = api.call("GET", f"{path}/events", params={"limit": 1000}).json()
+    assert not everything["has_more"] and len(everything["data"]) > 10
+    seen: list[str] = []
+    page: dict[str, Any] = {"has_more": True, "last_id": None}
+    while page["has_more"]:
+        params = {"limit": 4, **({"after": page["last_id"]} if page["last_id"] else {})}
+        page = api.call("GET", f"{path}/events", params=params).json()
+        assert 0 < len(page["data"]) <= 4 and page["first_id"] == page["data"][0]["id"]
+        seen += [e["id"] for e in page["data"]]
+    assert seen == [e["id"] for e in everything["data"]]  # newest first, each event once
+
+    first = api.call("GET", f"{path}/checkpoints", params={"limit": 2}).json()
+    assert [c["step_number"] for c in first["data"]] == [6, 4] and first["has_more"]
+    rest = api.call("GET", f"{path}/checkpoints", params={"limit": 2, "after": first["last_id"]}).json()
+    assert [c["step_number"] for c in rest["data"]] == [2] and not rest["has_more"]
+    assert _error(api.call("GET", f"{path}/checkpoints", params={"limit": 0}), 400)["param"] == "limit"
+    # Another project's cursor is no position in this list.
+    other = api.call("GET", f"{path}/events", params={"after": trained.job["id"]}).json()
+    assert other["data"] == [] and not other["has_more"]
+
+
+def test_a_results_file_cannot_train(trained: Trained) -> None:
+    error = _error(trained.api.create_job(trained.job["result_files"][0]), 400)
+    assert (error["code"], error["param"]) == ("invalid_file_purpose", "training_file")
+
+
+def test_other_projects_checkpoint_model_is_not_found(trained: Trained) -> None:
+    body = {"model": trained.checkpoint_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert trained.api.call("POST", "/chat/completions", json=body).status_code == 200
+    for stream in (False, True):
+        error = _error(trained.api.call("POST", "/chat/completions", who="b", json={**body, "stream": stream}), 404)
+        assert (error["code"], error["param"]) == ("model_not_found", "model")
+        assert error["message"] == f"No model found with id {trained.checkpoint_model!r}."
+
+
 def _isolation_cases(t: Trained) -> dict[tuple[str, str], tuple[dict[str, Any], int]]:
     """For every route: the request project B makes on project A's objects, and the status B must get."""
     job_id, model = t.job["id"], t.job["fine_tuned_model"]
@@ -273,7 +438,7 @@ def _isolation_cases(t: Trained) -> dict[tuple[str, str], tuple[dict[str, Any], 
         ("GET", "/v1/files/{file_id}"): ({"file_id": t.file_id}, 404),
         ("GET", "/v1/files/{file_id}/content"): ({"file_id": t.file_id}, 404),
         ("DELETE", "/v1/files/{file_id}"): ({"file_id": t.file_id}, 404),
-        ("POST", "/v1/fine_tuning/jobs"): ({"json": {"model": "tiny", "training_file": t.file_id}}, 400),
+        ("POST", "/v1/fine_tuning/jobs"): ({"json": {"model": "tiny", "training_file": t.file_id}}, 404),
         ("GET", "/v1/fine_tuning/jobs"): ({"params": {"after": job_id}}, 200),
         ("GET", "/v1/fine_tuning/jobs/{job_id}"): ({"job_id": job_id}, 404),
         ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): ({"job_id": job_id}, 404),
@@ -311,10 +476,36 @@ def test_tenant_isolation_on_every_route(trained: Trained) -> None:
 
 
 def test_delete_models(trained: Trained) -> None:
+    """Runs last in the module: it deletes the module's fine-tuned model."""
     api = trained.api
     assert _error(api.call("DELETE", "/models/tiny"), 403)["code"] == "model_not_deletable"
     model = trained.job["fine_tuned_model"]
+    job_dir = api.settings.jobs_dir / trained.job["id"]
+    assert (job_dir / "merged" / "config.json").is_file() and (job_dir / "adapter" / "adapter_config.json").is_file()
+    assert _error(api.call("DELETE", f"/models/{model}", who="b"), 404)["code"] == "model_not_found"
+    assert (job_dir / "merged").is_dir()  # another project's delete touched nothing
     assert api.call("DELETE", f"/models/{model}").json() == {"id": model, "object": "model", "deleted": True}
+    assert not (job_dir / "merged").exists() and not (job_dir / "adapter").exists()
     assert api.call("GET", f"/models/{model}").status_code == 404
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     assert _error(api.call("POST", "/chat/completions", json=chat), 404)["code"] == "model_not_found"
+    assert _error(api.call("DELETE", f"/models/{model}"), 404)["code"] == "model_not_found"
+    # Checkpoints are models of their own: they stay, and still answer.
+    body = {"model": trained.checkpoint_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert (job_dir / "checkpoints").is_dir() and api.call("POST", "/chat/completions", json=body).status_code == 200
+
+
+def test_delete_a_pissa_model_removes_all_its_folders(api: Api, good_file: bytes) -> None:
+    """PiSSA also keeps its initial adapter (pissa_init) beside the model: deleting the model removes it too."""
+    spec = {"train": {"max_steps": 2, "max_seq_len": 64, "batch_size": 2}, **NO_EVAL}
+    job_id = api.create_job(api.upload(good_file)["id"], tunelab={"method": "pissa", "spec": spec}).json()["id"]
+    claimed = api.store.claim("w-test", 60)
+    assert claimed is not None and claimed.id == job_id
+    Worker(api.settings, "w-test", api.store).run_one(claimed)
+    job = api.call("GET", f"/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    job_dir = api.settings.jobs_dir / job_id
+    folders = [job_dir / name for name in ("adapter", "pissa_init")]
+    assert all(f.is_dir() for f in folders)
+    assert api.call("DELETE", f"/models/{job['fine_tuned_model']}").json()["deleted"] is True
+    assert [f.name for f in folders if f.exists()] == [] and not (job_dir / "merged").exists()

@@ -31,7 +31,8 @@ from service_support import (
 from tunelab.service.cli import app as service_cli
 from tunelab.service.store import Store
 
-# Long enough (200 steps, ~5 s) that a pause or a kill lands mid-job; same seed, so interrupted runs must agree.
+# Long enough (200 steps, ~5 s) that a pause or a kill lands mid-job; same seed, so an interrupted run must agree
+# with an uninterrupted one (the `reference` fixture) step by step.
 STEPS = 200
 LONG = {
     "train": {"max_steps": STEPS, "max_seq_len": 64, "batch_size": 2},
@@ -112,6 +113,30 @@ def live(
         yield found
 
 
+@dataclass
+class Reference:
+    """An uninterrupted run of the LONG job with SEED, started when first asked for (it trains beside the test's
+    own job, on the other worker)."""
+
+    live: Live
+    job_id: str
+
+    def losses(self) -> dict[int, float]:
+        self.live.wait(self.job_id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+        job = self.live.client.fine_tuning.jobs.retrieve(self.job_id)
+        assert job.status == "succeeded", job.error
+        messages = self.live.messages(self.job_id)
+        assert not [m for m in messages if m.startswith(("Resuming", "Worker lost", "Worker stopping", "Job paused"))]
+        losses = self.live.metric_steps(self.job_id)  # each step reported once
+        assert sorted(losses) == list(range(1, STEPS + 1))
+        return losses
+
+
+@pytest.fixture(scope="module")
+def reference(live: Live) -> Reference:
+    return Reference(live, live.job(LONG, seed=SEED).id)
+
+
 def test_openai_client_flow(live: Live) -> None:
     c = live.client
     uploaded = c.files.create(file=live.train.open("rb"), purpose="fine-tune")
@@ -138,10 +163,18 @@ def test_openai_client_flow(live: Live) -> None:
     assert events[0].message == "The job has successfully completed" and events[0].id.startswith("ftevent-")
     checkpoints = list(c.fine_tuning.jobs.checkpoints.list(job.id))
     assert [cp.step_number for cp in checkpoints] == [6, 4, 2] and checkpoints[0].id.startswith("ftckpt-")
+    # The client's auto-pagination follows the cursor (`after` = the page's last id) until has_more is false.
+    assert [cp.id for cp in c.fine_tuning.jobs.checkpoints.list(job.id, limit=1)] == [cp.id for cp in checkpoints]
+    paged = [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=3)]
+    assert paged == [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000)] and len(paged) > 10
     assert c.files.content(done.result_files[0]).text.startswith("step,train_loss,valid_loss")
     assert done.fine_tuned_model in [m.id for m in c.models.list()]
     _chat(c, done.fine_tuned_model)
     _chat(c, checkpoints[-1].fine_tuned_model_checkpoint)
+    with pytest.raises(openai.BadRequestError) as caught:  # refused before the stream starts: a plain 400
+        long: Any = [{"role": "user", "content": "word " * 600}]
+        c.chat.completions.create(model=done.fine_tuned_model, messages=long, max_tokens=4, stream=True)
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
     with pytest.raises(openai.NotFoundError):
         live.other.fine_tuning.jobs.retrieve(job.id)
     with pytest.raises(openai.NotFoundError):
@@ -167,7 +200,7 @@ def test_cancel_a_running_job(live: Live) -> None:
     assert any(m.startswith("Job cancelled at step") for m in live.messages(job.id))
 
 
-def test_pause_and_resume_continue_exactly(live: Live) -> None:
+def test_pause_and_resume_continue_exactly(live: Live, reference: Reference) -> None:
     job = live.job(LONG, seed=SEED)
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 10)  # type: ignore[attr-defined]
     assert live.client.fine_tuning.jobs.pause(job.id).status == "running"  # the worker pauses it after its step
@@ -177,20 +210,20 @@ def test_pause_and_resume_continue_exactly(live: Live) -> None:
     assert live.client.fine_tuning.jobs.resume(job.id).status == "queued"
     live.wait(job.id, lambda j: j.status == "succeeded")
     assert f"Resuming from checkpoint step-{step:06d}" in live.messages(job.id)
-    _same_as_other_runs(live, job.id)
+    _same_as_uninterrupted(live, job.id, reference)
 
 
-def _same_as_other_runs(live: Live, job_id: str) -> None:
-    """Every step reported once, and the same losses as other runs of the same job that stopped elsewhere:
-    exact resume (tests/test_resume.py shows it equals an uninterrupted run)."""
-    steps = live.metric_steps(job_id)
-    assert sorted(steps) == list(range(1, STEPS + 1))
-    others = [j.id for j in live.client.fine_tuning.jobs.list(limit=100) if j.seed == SEED and j.status == "succeeded"]
-    for other in others:
-        assert live.metric_steps(other) == steps
+def _same_as_uninterrupted(live: Live, job_id: str, reference: Reference) -> None:
+    """Every step reported once, with the loss the uninterrupted run had at that step: exact resume."""
+    assert job_id != reference.job_id
+    losses = live.metric_steps(job_id)  # asserts that no step was reported twice
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    expected = reference.losses()
+    differ = {s: (losses[s], expected[s]) for s in expected if abs(losses[s] - expected[s]) > 1e-5}
+    assert not differ, f"{len(differ)} steps differ from the uninterrupted run, e.g. {list(differ.items())[:3]}"
 
 
-def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live) -> None:
+def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference: Reference) -> None:
     job = live.job(LONG, seed=SEED)
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
     running = live.store.job(job.id)
@@ -201,7 +234,7 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live) -> None:
     assert any(m.startswith("Worker lost; the job is queued again") for m in messages)
     resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
     assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
-    _same_as_other_runs(live, job.id)
+    _same_as_uninterrupted(live, job.id, reference)
 
 
 BROKEN = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n'

@@ -1,17 +1,25 @@
-"""Loading a chat model (base, fine-tuned, or a checkpoint rebuilt on its base) and generating replies, greedy or
-sampled, with tunelab's own prompt rules; streaming yields text pieces as they are generated."""
+"""Loading a chat model (base, fine-tuned, or a checkpoint rebuilt on its base) and generating replies.
+
+Generation is `tunelab serve`'s (`tunelab.serve.generation`): its sampling (greedy at temperature 0, seeded nucleus
+sampling otherwise), its stop strings (up to 4; a streamed delta never ends inside a possible stop string, so no
+part of one is ever sent) and its text deltas. This module adds a decoder over a loaded model, and `prepare`,
+which does everything a request can fail on (the chat template, the context length) before the first token, so a
+streamed request still gets a plain HTTP 400.
+"""
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from tunelab.config import JobSpec
 from tunelab.data.render import encode_prompt
@@ -19,6 +27,8 @@ from tunelab.errors import TunelabError
 from tunelab.inference import chat_prompt, load_for_inference
 from tunelab.methods import apply_method
 from tunelab.models import load_model, load_tokenizer, resolve
+from tunelab.serve.errors import context_too_long
+from tunelab.serve.generation import Sampling, TextGeneration
 from tunelab.service.chat import Completion, Target
 from tunelab.service.errors import ApiError
 from tunelab.service.schemas import ChatMessage, ChatRequest
@@ -31,6 +41,8 @@ MAX_TOKENS = 2048
 class Loaded:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
+    eos_ids: set[int] = field(default_factory=set)
+    context_length: int | None = None  # None: the model's config does not say
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -38,17 +50,17 @@ def load(target: Target, threads: int) -> Loaded:
     torch.set_num_threads(threads)  # for the whole API process: see ServiceSettings.threads_per_process
     try:
         if target.checkpoint is not None:
-            return _load_checkpoint(target)
-        if target.merged and target.folder is not None:
+            model, tokenizer = _load_checkpoint(target)
+        elif target.merged and target.folder is not None:
             model, tokenizer = load_for_inference(str(target.folder))
         else:
             model, tokenizer = load_for_inference(target.base, target.folder)
     except (TunelabError, OSError) as exc:
         raise ApiError(500, "model_load_failed", f"Model {target.name} could not be loaded: {exc}", "model") from exc
-    return Loaded(model, tokenizer)
+    return Loaded(model, tokenizer, _eos_ids(model, tokenizer), _context_length(model))
 
 
-def _load_checkpoint(target: Target) -> Loaded:
+def _load_checkpoint(target: Target) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A training checkpoint holds only the trainable weights: rebuild the job's method on its base, then load them."""
     assert target.checkpoint is not None and target.spec is not None
     spec = JobSpec.model_validate(target.spec)
@@ -63,7 +75,38 @@ def _load_checkpoint(target: Target) -> Loaded:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    return Loaded(model.eval(), load_tokenizer(source))
+    return model.eval(), load_tokenizer(source)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    # Chat models often end a turn with a token the tokenizer does not call EOS: generation_config lists them.
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class ModelDecoder:
+    """`tunelab.serve.generation.Decoder` over a loaded model: one request's sequence, with its own KV cache."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+        self.cache: Cache | None = None
+
+    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
+        with self.loaded.lock, torch.inference_mode():
+            ids = torch.tensor([list(tokens)])
+            # logits_to_keep=1: only the next token's logits, not a vocab-sized row for every prompt token.
+            out = self.loaded.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[0, -1].float()
+
+    def close(self) -> None:
+        self.cache = None
 
 
 def _text(message: ChatMessage) -> str:
@@ -72,7 +115,7 @@ def _text(message: ChatMessage) -> str:
     return message.content or ""
 
 
-def _prompt_ids(loaded: Loaded, req: ChatRequest) -> torch.Tensor:
+def _prompt_ids(loaded: Loaded, req: ChatRequest) -> list[int]:
     # "developer" is OpenAI's newer name for the system role; chat templates only know "system".
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m)} for m in req.messages]
     try:
@@ -80,65 +123,77 @@ def _prompt_ids(loaded: Loaded, req: ChatRequest) -> torch.Tensor:
     except Exception as exc:  # the model's template rejects this conversation (e.g. a role it does not know)
         message = f"The model's chat template refused the messages: {exc}"
         raise ApiError(400, "invalid_messages", message, "messages") from exc
-    return torch.tensor([encode_prompt(prompt, loaded.tokenizer)])
+    return list(encode_prompt(prompt, loaded.tokenizer))
 
 
-def _generate_kwargs(loaded: Loaded, req: ChatRequest, ids: torch.Tensor) -> dict[str, Any]:
-    max_new = min(req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS, MAX_TOKENS)
+def prepare(loaded: Loaded, req: ChatRequest) -> TextGeneration:
+    """The request's generation, checked: a template that refuses the messages or a prompt and completion longer
+    than the model's context is a 400 here, before any token (and before a stream starts)."""
+    ids = _prompt_ids(loaded, req)
+    asked = req.max_completion_tokens or req.max_tokens
+    limit = loaded.context_length
+    room = DEFAULT_MAX_TOKENS if limit is None else max(limit - len(ids), 1)
+    budget = asked if asked is not None else min(DEFAULT_MAX_TOKENS, room)
+    if limit is not None and len(ids) + budget > limit:
+        error = context_too_long(limit, len(ids), budget, "messages").detail  # `tunelab serve`'s words
+        raise ApiError(400, str(error.code), error.message, error.param)
     temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default samples at 1.0
-    sampled = temperature > 0
-    kwargs: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "max_new_tokens": max_new,
-        "do_sample": sampled,
-        "pad_token_id": loaded.tokenizer.pad_token_id,
-        "eos_token_id": loaded.tokenizer.eos_token_id,
-    }
-    if sampled:
-        kwargs.update(temperature=temperature, top_p=req.top_p if req.top_p is not None else 1.0, top_k=0)
-    return kwargs
+    top_p = 1.0 if req.top_p is None else req.top_p
+    sampling = Sampling(min(budget, MAX_TOKENS), temperature, top_p, req.seed, req.stops())
+    return TextGeneration(ModelDecoder(loaded), ids, sampling, loaded.tokenizer, loaded.eos_ids)
 
 
-def complete(loaded: Loaded, req: ChatRequest) -> Completion:
-    ids = _prompt_ids(loaded, req)
-    kwargs = _generate_kwargs(loaded, req, ids)
-    with loaded.lock, torch.no_grad():
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        out = loaded.model.generate(**kwargs)  # type: ignore[operator]
-    new = out[0, ids.shape[1] :].tolist()
-    return _completion(loaded, ids, new, kwargs["max_new_tokens"])
+def complete(run: TextGeneration) -> Completion:
+    return _completion(run, run.text())
 
 
-def stream(loaded: Loaded, req: ChatRequest, executor: Executor) -> Iterator[str | Completion]:
-    """Text pieces as they are generated (on `executor`), then the Completion (counts and finish reason)."""
-    ids = _prompt_ids(loaded, req)
-    kwargs = _generate_kwargs(loaded, req, ids)
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        with loaded.lock, torch.no_grad():
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            try:
-                result["out"] = loaded.model.generate(**kwargs, streamer=streamer)  # type: ignore[operator]
-            except Exception as exc:  # surfaced to the client after the stream ends
-                result["error"] = exc
-                streamer.end()
-
-    running = executor.submit(run)
-    yield from (piece for piece in streamer if piece)
-    running.result()
-    if "error" in result:
-        raise result["error"]
-    yield _completion(loaded, ids, result["out"][0, ids.shape[1] :].tolist(), kwargs["max_new_tokens"])
+def _completion(run: TextGeneration, text: str) -> Completion:
+    return Completion(text, len(run.prompt_ids), run.completion_tokens, run.finish_reason)
 
 
-def _completion(loaded: Loaded, ids: torch.Tensor, new: list[int], max_new: int) -> Completion:
-    eos = loaded.tokenizer.eos_token_id
-    stopped = bool(new) and new[-1] == eos
-    text = str(loaded.tokenizer.decode(new, skip_special_tokens=True))
-    finish = "length" if len(new) >= max_new and not stopped else "stop"
-    return Completion(text, int(ids.shape[1]), len(new), finish)
+_END = object()
+
+
+class Stream:
+    """A generation running on `executor` (the chat thread), read piece by piece from other threads: text deltas,
+    then the Completion (counts and finish reason), then None. `cancel` (the client went away) stops it after the
+    next token, freeing the chat thread."""
+
+    def __init__(self, run: TextGeneration, executor: Executor) -> None:
+        self.run = run
+        self._pieces: queue.Queue[Any] = queue.Queue()
+        self._cancelled = threading.Event()
+        self._done = False
+        executor.submit(self._produce)
+
+    def _produce(self) -> None:
+        text: list[str] = []
+        deltas = self.run.deltas()
+        try:
+            for delta in deltas:
+                if self._cancelled.is_set():
+                    break
+                text.append(delta)
+                self._pieces.put(delta)
+            self._pieces.put(_completion(self.run, "".join(text)))
+        except Exception as exc:  # raised to the reader, which reports it in the stream
+            self._pieces.put(exc)
+        finally:
+            getattr(deltas, "close", lambda: None)()  # a generator: closing it frees the request's KV cache now
+            self._pieces.put(_END)
+
+    def next_piece(self) -> str | Completion | None:
+        if self._done:
+            return None
+        piece = self._pieces.get()
+        if piece is _END:
+            self._done = True
+            return None
+        if isinstance(piece, Exception):
+            self._done = True
+            raise piece
+        assert isinstance(piece, str | Completion)
+        return piece
+
+    def cancel(self) -> None:
+        self._cancelled.set()

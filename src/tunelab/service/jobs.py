@@ -14,7 +14,7 @@ from tunelab.service.db import FileRow, JobRow
 from tunelab.service.errors import ApiError, bad_request, not_found
 from tunelab.service.ids import new_id, now
 from tunelab.service.schemas import Hyperparameters, JobCreate
-from tunelab.service.settings import ServiceSettings
+from tunelab.service.settings import MODEL_NAME, ServiceSettings
 from tunelab.service.store import Event, Store
 
 DEFAULT_LR: float = TrainSpec.model_fields["lr"].default
@@ -25,6 +25,7 @@ HYPER_FIELDS = {"n_epochs": "epochs", "batch_size": "batch_size"}
 
 
 def create_job(settings: ServiceSettings, store: Store, project_id: str, req: JobCreate) -> JobRow:
+    _check_suffix(req.suffix)
     base_path = _base_model(settings, req.model)
     train_file = _usable_file(store, project_id, req.training_file, "training_file")
     val_file = _usable_file(store, project_id, req.validation_file, "validation_file") if req.validation_file else None
@@ -164,10 +165,21 @@ def _base_model(settings: ServiceSettings, name: str) -> str:
     return models[name]
 
 
+def _check_suffix(suffix: str | None) -> None:
+    """The suffix goes into `ft:<base>:<suffix>:<id>`: a ':' (or a '/', a space) would make that name ambiguous."""
+    if suffix and not MODEL_NAME.fullmatch(suffix):
+        raise bad_request(
+            "invalid_value",
+            f"Invalid suffix {suffix!r}: use up to 64 letters, digits, '-', '_' or '.' "
+            "(it becomes part of the model name ft:<base>:<suffix>:<id>).",
+            "suffix",
+        )
+
+
 def _usable_file(store: Store, project_id: str, file_id: str, param: str) -> FileRow:
     row = store.get_file(project_id, file_id)
-    if row is None:
-        raise bad_request("invalid_file", f"No file with id {file_id!r}.", param)
+    if row is None:  # missing, deleted, or another project's: the same 404, so ids do not leak across tenants
+        raise not_found("file", file_id, param)
     if row.purpose != "fine-tune":
         message = f"File {file_id} has purpose {row.purpose!r}, not 'fine-tune'."
         raise bad_request("invalid_file_purpose", message, param)

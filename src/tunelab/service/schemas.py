@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 T = TypeVar("T")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -51,7 +51,7 @@ class JobCreate(_Request):
     model: str
     training_file: str
     validation_file: str | None = None
-    suffix: str | None = Field(None, max_length=64)
+    suffix: str | None = None  # checked by jobs.create_job: up to 64 of [A-Za-z0-9._-]
     seed: int | None = None
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16
@@ -73,6 +73,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _listed(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value  # `stop` may be one string or a list of them
+
+
 class ChatRequest(BaseModel):
     # Unknown options are ignored, as a client may send any of OpenAI's many sampling fields.
     model_config = ConfigDict(extra="ignore")
@@ -84,8 +88,14 @@ class ChatRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: int | None = None
     n: Literal[1] = 1
+    stop: Annotated[Annotated[list[str], Field(max_length=4)] | None, BeforeValidator(_listed)] = Field(
+        None, description="Up to 4 strings: the reply ends before the first one generated, which is not included."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
 
 
 # Responses.

@@ -44,7 +44,7 @@ class ServiceSettings(BaseModel):
     @classmethod
     def _names(cls, models: dict[str, str]) -> dict[str, str]:
         for name in models:
-            if not MODEL_NAME.match(name) or name.startswith("ft"):
+            if not MODEL_NAME.fullmatch(name) or name.startswith("ft"):
                 raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (not starting 'ft')")
         return models
 

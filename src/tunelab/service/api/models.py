@@ -14,6 +14,7 @@ from tunelab.service.schemas import ListPage, ModelDeleted, ModelObject
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 BASE_OWNER = "tunelab"
+MODEL_FOLDERS = ("merged", "adapter", "pissa_init")  # what run_job writes for the final model (tunelab.recipe)
 
 
 def _base_views(ctx: ServiceContext) -> list[ModelObject]:
@@ -48,8 +49,13 @@ def delete_model(ctx: ContextDep, project: ProjectDep, model_id: str) -> ModelDe
     if row is None:
         raise not_found("model", model_id)
     ctx.chat.forget(model_id)
-    folder = Path(row.path)
-    remove_tree(folder)
-    if folder.name == "merged":  # the adapter it was merged from goes too: the model is gone
-        remove_tree(folder.parent / "adapter")
+    for folder in model_folders(Path(row.path)):
+        remove_tree(folder)
     return ModelDeleted(id=model_id, deleted=True)
+
+
+def model_folders(path: Path) -> list[Path]:
+    """Every folder of the job's final model: the one it is served from (`merged` or `adapter`), the adapter a
+    merged model came from, and PiSSA's initial adapter. Checkpoints are models of their own and stay."""
+    job_dir = path.parent
+    return [path, *(job_dir / name for name in MODEL_FOLDERS if job_dir / name != path)]
