@@ -34,7 +34,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(service_app, name="service")
 export_app = typer.Typer(help="Export a fine-tuned model: merged Hugging Face model, or ONNX (export onnx).")
 app.add_typer(export_app, name="export")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when piped (tables still fit the width)
 # soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
 out = Console(soft_wrap=True)
 
