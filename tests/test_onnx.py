@@ -35,8 +35,8 @@ from tunelab.serve.app import create_app
 from tunelab.serve.engines import build_engine
 
 # What a quantised export of the tiny model must reach, vs the fp32 export / PyTorch: (correlation of the logits,
-# teacher-forced greedy agreement). Measured: int8 0.999 / 94 %, int4 (k-quant mixed) 0.96 / 56 %; an export of the same model
-# without its adapter scores 0.21-0.22 / 0-3 %, so the floors catch an export with wrong weights.
+# teacher-forced greedy agreement). Measured: int8 0.999 / 94 %, int4 (k-quant mixed) 0.96 / 56 %; an export of
+# the same model without its adapter scores 0.21-0.22 / 0-3 %, so the floors catch an export with wrong weights.
 QUANTISED_FLOORS = {"int8": (0.98, 0.75), "int4": (0.9, 0.4)}
 
 
