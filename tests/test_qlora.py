@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.config import MethodSpec
-from tunelab.methods.qlora import quantization_config
+from tunelab.methods.qlora import dequantized_base, quantization_config
 from tunelab.models import load_model, resolve
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -57,7 +57,28 @@ def test_qlora_trains_and_merges_to_the_same_generations(tiny_llama_dir: Path, t
     ids = torch.tensor([[0, 5, 17, 42, 99, 7]])
     kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 12, "do_sample": False}
     with torch.no_grad():
+        # 4-bit computes with its dequantised weights: exact. 8-bit (LLM.int8) also quantises the activations.
+        assert (adapted(ids).logits - merged(ids).logits).abs().max() < (0.25 if spec.bits == 8 else 1e-4)
         assert adapted.generate(input_ids=ids, **kw).tolist() == merged.generate(input_ids=ids, **kw).tolist()
+
+
+def test_quantised_layers_compute_and_backpropagate_their_dequantised_weights(tiny_llama_dir: Path) -> None:
+    """After an evaluation (eval mode, no grad: what the recipe does before training), a 4-bit model still computes,
+    and back-propagates, exactly what an fp32 model with its dequantised weights does."""
+    quantised = load_model(resolve(str(tiny_llama_dir)), quantization_config(MethodSpec(name="qlora")))
+    ids = torch.tensor([[0, 5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        quantised.eval()(ids)
+    reference = dequantized_base(quantised, load_model(resolve(str(tiny_llama_dir))))
+    grads = []
+    for model in (quantised.train(), reference.train()):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        logits.pow(2).mean().backward()
+        grads.append((logits.detach(), embeds.grad))
+    (logits_q, grad_q), (logits_r, grad_r) = grads
+    assert (logits_q - logits_r).abs().max() < 1e-4
+    assert torch.allclose(grad_q, grad_r, rtol=1e-4, atol=1e-6) and grad_r.abs().sum() > 0
 
 
 def test_qdora_trains_and_stays_an_adapter(tiny_llama_dir: Path, tmp_path: Path) -> None:
