@@ -6,12 +6,19 @@ is refused with a 400 that names it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 FinishReason = Literal["stop", "length"]
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+
+def _listed(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# One string or up to 4, as OpenAI takes it; held as a list, so an error names `stop` itself, not a union member.
+Stop = Annotated[Annotated[list[str], Field(max_length=4)] | None, BeforeValidator(_listed)]
 
 
 class StreamOptions(BaseModel):
@@ -35,9 +42,11 @@ class _Request(BaseModel):
     user: str | None = None
 
     def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_strings(self.stop)
+
+
+def stop_strings(stop: list[str] | None) -> tuple[str, ...]:
+    return tuple(stop or ())
 
 
 class TextPart(BaseModel):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.serve.schemas import Stop, stop_strings
 
 T = TypeVar("T")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -73,10 +75,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-def _listed(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value  # `stop` may be one string or a list of them
-
-
 class ChatRequest(BaseModel):
     # Unknown options are ignored, as a client may send any of OpenAI's many sampling fields.
     model_config = ConfigDict(extra="ignore")
@@ -88,14 +86,14 @@ class ChatRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: int | None = None
     n: Literal[1] = 1
-    stop: Annotated[Annotated[list[str], Field(max_length=4)] | None, BeforeValidator(_listed)] = Field(
+    stop: Stop = Field(
         None, description="Up to 4 strings: the reply ends before the first one generated, which is not included."
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     def stops(self) -> tuple[str, ...]:
-        return tuple(self.stop or ())
+        return stop_strings(self.stop)
 
 
 # Responses.
