@@ -76,8 +76,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    # Unknown options are ignored, as a client may send any of OpenAI's many sampling fields.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown options are refused, as `tunelab serve` does: a client that sends `tools` or `logprobs` must learn
+    # that they are not supported rather than get a reply that silently ignored them.
+    model_config = ConfigDict(extra="forbid")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: PositiveInt | None = None
