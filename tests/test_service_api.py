@@ -146,7 +146,9 @@ def test_job_request_errors(api: Api, good_file: bytes) -> None:
     file_id = api.upload(good_file)["id"]
     cases: list[tuple[dict[str, Any], str, str | None]] = [
         ({"model": "gpt-4o"}, "model_not_available", "model"),
-        ({"method": {"type": "dpo"}}, "unsupported_method", "method.type"),
+        ({"method": {"type": "reinforcement"}}, "unsupported_method", "method.type"),
+        ({"method": {"type": "dpo"}, "tunelab": {"scenario": "chat"}}, "invalid_request", "tunelab.scenario"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "invalid_value", None),
         ({"tunelab": {"method": "lorra"}}, "invalid_spec", "tunelab.method"),
         ({"tunelab": {"spec": {"train": {"lrr": 1}}}}, "invalid_spec", "tunelab.spec.train.lrr"),
         ({"tunelab": {"spec": {"data": {}}}}, "invalid_spec", "tunelab.spec.data"),

@@ -4,6 +4,7 @@ a worker SIGKILLed mid-job, a service restart mid-job, and bad files."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -179,6 +180,38 @@ def test_openai_client_flow(live: Live) -> None:
         live.other.fine_tuning.jobs.retrieve(job.id)
     with pytest.raises(openai.NotFoundError):
         _chat(live.other, done.fine_tuned_model)
+
+
+def test_dpo_job_with_the_openai_client(live: Live, tmp_path: Path) -> None:
+    """OpenAI's DPO request shape trains the preference scenario; its events carry the DPO statistics."""
+    pairs = tmp_path / "pairs.jsonl"
+    row = {
+        "input": {"messages": [{"role": "user", "content": "Can pigs fly?"}]},
+        "preferred_output": [{"role": "assistant", "content": "No, pigs cannot fly."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Yes, at night."}],
+    }
+    pairs.write_text("".join(json.dumps(row) + "\n" for _ in range(12)), encoding="utf-8")
+    bad = tmp_path / "bad_pairs.jsonl"
+    bad.write_text(json.dumps({**row, "preferred_output": []}) + "\n", encoding="utf-8")
+    c = live.client
+    rejected = c.files.create(file=bad.open("rb"), purpose="fine-tune")
+    wait_for(lambda: c.files.retrieve(rejected.id).status == "error")
+    assert "exactly one assistant message" in (c.files.retrieve(rejected.id).status_details or "")
+    uploaded = c.files.create(file=pairs.open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+        extra_body={"tunelab": {"spec": {"train": {"max_steps": 3, "max_seq_len": 64}, **NO_EVAL}}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo is not None
+    assert job.method.dpo.hyperparameters.beta == 0.2
+    done = live.wait(job.id, lambda j: j.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    events = c.fine_tuning.jobs.list_events(job.id, limit=1000)
+    steps = [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict) and "step" in e.data]
+    assert steps and all({"reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected"} <= set(d) for d in steps)
+    assert c.fine_tuning.jobs.retrieve(job.id).tunelab["scenario"] == "preference"  # type: ignore[attr-defined]
 
 
 def _chat(client: OpenAI, model: str) -> None:

@@ -46,7 +46,7 @@ class MethodSpec(_Spec):
     dora: bool = Field(False, description="qlora: train a DoRA instead of a LoRA on the quantised base.")
 
 
-Scenario = Literal["chat", "classification", "ner", "translation", "qa", "domain", "creative"]
+Scenario = Literal["chat", "classification", "ner", "translation", "qa", "domain", "creative", "preference"]
 HEAD_SCENARIOS = ("classification", "ner")  # the scenarios that have a classification-head variant
 
 
@@ -59,6 +59,12 @@ class TaskSpec(_Spec):
     labels: list[str] | None = Field(None, description="classification: the label set (default: read from the data).")
     source_lang: str | None = Field(None, description="translation: source language (default: from the data).")
     target_lang: str | None = Field(None, description="translation: target language (default: from the data).")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="preference: DPO's beta, how far the model may move from where it started (smaller: further).",
+    )
     approach: Literal["generative", "head"] = Field(
         "generative",
         description="classification and ner: `generative` (the model writes the label or the entities as text) "
@@ -167,6 +173,12 @@ class JobSpec(_Spec):
         info = get_method(self.method.name)
         if self.task.approach == "head":
             _check_head(self.method.name, self.train.packing)
+        if self.task.scenario == "preference" and info.prompt_learning:
+            # Virtual tokens would be prepended once to a row that holds two answers (or several pairs).
+            raise ValueError(
+                f"task.scenario is 'preference' but method.name is {self.method.name!r}: DPO trains the LoRA "
+                "family, QLoRA and full fine-tuning; use one of those"
+            )
         if info.prompt_learning and self.train.packing:
             raise ValueError(
                 f"train.packing is true but method.name is {self.method.name!r}: prompt/prefix tuning prepends "

@@ -27,6 +27,7 @@ from tunelab.tasks import Evaluation, Task, TaskData, get_task
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
+from tunelab.train.objectives import CausalLM
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def run_job(
             before = _evaluate_once(task, model, tokenizer, data, spec, out / "eval_before.json", console, "before")
     barrier(world)  # the other processes wait for rank 0's evaluation
 
+    # An objective that needs the untouched model (DPO's reference) sees it now, on every process.
+    objective = data.objective or CausalLM()
+    if data.objective is not None:
+        console.print(f"scoring the {data.n_train_examples} training pairs with the reference (the model as loaded)")
+    objective.setup(model, data.train_rows, tokenizer.pad_token_id, spec.train.batch_size)
+
     # Method: wrap the model; report what trains.
     model = apply_method(model, spec.method)
     if spec.train.gradient_checkpointing:
@@ -104,6 +111,7 @@ def run_job(
         resume_from=resume_from,
         stop_after=stop_after,
         dist_spec=spec.distributed,
+        objective=objective,
     )
     if result.interrupted:
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)

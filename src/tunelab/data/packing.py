@@ -20,22 +20,31 @@ class Row:
     labels: list[int]  # one per token; or, with sequence_label, the row's one class id
     position_ids: list[int]
     sequence_label: bool = False  # a sequence-classification head's row
+    # A preference row: the sequence id of each token (2 * pair + 0 for the preferred answer, + 1 for the rejected
+    # one; -1 outside the pairs). Such a row holds several sequences, so it always carries restarting positions.
+    segments: list[int] | None = None
 
 
 def pack(examples: list[Tokenized], max_len: int) -> list[Row]:
     """Best-fit packing: each example goes into the fullest row it fits in (examples are already <= max_len)."""
-    bins: list[list[Tokenized]] = []
+    return [_concat([examples[i] for i in group]) for group in best_fit([len(e.input_ids) for e in examples], max_len)]
+
+
+def best_fit(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `max_len` (a longer item gets a bin of its own): each item goes into
+    the fullest bin it fits in."""
+    bins: list[list[int]] = []
     free: list[int] = []
-    for ex in examples:
-        fits = [i for i, space in enumerate(free) if space >= len(ex.input_ids)]
+    for index, length in enumerate(lengths):
+        fits = [i for i, space in enumerate(free) if space >= length]
         if fits:
             best = min(fits, key=lambda i: free[i])
-            bins[best].append(ex)
-            free[best] -= len(ex.input_ids)
+            bins[best].append(index)
+            free[best] -= length
         else:
-            bins.append([ex])
-            free.append(max_len - len(ex.input_ids))
-    return [_concat(group) for group in bins]
+            bins.append([index])
+            free.append(max_len - length)
+    return bins
 
 
 def unpacked(examples: list[Tokenized]) -> list[Row]:
@@ -71,6 +80,11 @@ def collate(rows: list[Row], pad_id: int, packed: bool) -> dict[str, torch.Tenso
     if rows[0].sequence_label:
         labels = torch.tensor([r.labels[0] for r in rows])  # the shape sequence-classification heads expect
     batch = {"input_ids": ids, "labels": labels}
+    if rows[0].segments is not None:
+        batch["segments"] = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            batch["segments"][i, : len(row.input_ids)] = torch.tensor(row.segments)
+        packed = True  # a pair's two answers share a row and must not attend to each other
     if packed:
         batch["position_ids"] = positions
     else:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tunelab.data.preference import check_pairs_file, looks_like_pairs
+from tunelab.data.readers import iter_jsonl
 from tunelab.data.validate import validate_chat_file
 from tunelab.errors import Problem
 from tunelab.service.db import FileRow
@@ -81,9 +83,17 @@ def check_file(path: Path, max_line_bytes: int) -> FileCheck:
     if huge:
         # Reported alone: parsing lines of hundreds of megabytes would cost the API process more than it tells.
         return _result(0, huge)
+    if _first_row_is_pair(path):
+        return _result(*check_pairs_file(path))
     report = validate_chat_file(path, min_examples=1)
     errors = [p for p in report.errors if p.code != "too_few_examples"]  # the job checks the count it needs
     return _result(len(report.examples), errors)
+
+
+def _first_row_is_pair(path: Path) -> bool:
+    """A file is a DPO file when its first readable row is a preference pair (OpenAI's DPO format or TRL's)."""
+    first = next((r for r in iter_jsonl(path) if not isinstance(r, Problem)), None)
+    return first is not None and isinstance(first.data, dict) and looks_like_pairs(first.data)
 
 
 def validate_stored_file(store: Store, row: FileRow, max_line_bytes: int) -> FileCheck:

@@ -68,7 +68,8 @@ def build_spec(
     """The JobSpec of a request, its seed, and how many checkpoints the service keeps; every problem is a 400."""
     sections = _spec_sections(req.tunelab.spec)
     train = sections["train"]
-    _apply_hyperparameters(train, _hyperparameters(req))
+    hyper = _hyperparameters(req)
+    _apply_hyperparameters(train, hyper, req.method.type if req.method else "supervised")
     seed = _seed(train, req.seed)
     checkpoints = sections["checkpoints"]
     keep = checkpoints.pop("keep_last", settings.keep_checkpoints)
@@ -79,7 +80,7 @@ def build_spec(
     raw: dict[str, Any] = {
         "model": {"name": base_path},
         "method": {**sections["method"], "name": req.tunelab.method},
-        "task": {**sections["task"], "scenario": req.tunelab.scenario},
+        "task": _task(req, sections["task"], hyper),
         "data": {"train": train_file.path, "validation": val_file.path if val_file else None},
         "train": {**train, "seed": seed},
         "checkpoints": checkpoints,
@@ -94,11 +95,12 @@ def build_spec(
 
 def resolved_hyperparameters(spec: JobSpec) -> dict[str, Any]:
     epochs = spec.train.epochs
-    return {
+    resolved = {
         "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
         "batch_size": spec.train.batch_size,
         "learning_rate_multiplier": spec.train.lr / DEFAULT_LR,
     }
+    return resolved | ({"beta": spec.task.beta} if spec.task.scenario == "preference" else {})
 
 
 def advance_validating(settings: ServiceSettings, store: Store) -> None:
@@ -187,18 +189,47 @@ def _usable_file(store: Store, project_id: str, file_id: str, param: str) -> Fil
 
 
 def _hyperparameters(req: JobCreate) -> Hyperparameters:
-    if req.method is not None and req.method.type != "supervised":
+    """The request's hyperparameters: from `method.supervised` or `method.dpo`, or the deprecated top level."""
+    method = req.method
+    if method is not None and method.type not in ("supervised", "dpo"):
         raise bad_request(
-            "unsupported_method", f"method.type {req.method.type!r} is not supported: use 'supervised'.", "method.type"
+            "unsupported_method",
+            f"method.type {method.type!r} is not supported: use 'supervised' or 'dpo'.",
+            "method.type",
         )
-    nested = req.method.supervised.hyperparameters if req.method and req.method.supervised else None
+    nested: Hyperparameters | None = None
+    if method is not None and method.type == "dpo":
+        nested = method.dpo.hyperparameters if method.dpo else None
+    elif method is not None and method.supervised:
+        nested = method.supervised.hyperparameters
     if nested is not None and req.hyperparameters is not None and nested != req.hyperparameters:
         raise bad_request(
             "invalid_request",
-            "hyperparameters and method.supervised.hyperparameters differ: give them in method only.",
+            f"hyperparameters and method.{method.type if method else 'supervised'}.hyperparameters differ: "
+            "give them in method only.",
             "hyperparameters",
         )
     return nested or req.hyperparameters or Hyperparameters()
+
+
+def _task(req: JobCreate, task: dict[str, Any], hyper: Hyperparameters) -> dict[str, Any]:
+    """A DPO job trains the preference scenario, with the request's beta."""
+    if req.method is None or req.method.type != "dpo":
+        return {**task, "scenario": req.tunelab.scenario}
+    if "scenario" in req.tunelab.model_fields_set and req.tunelab.scenario != "preference":
+        raise bad_request(
+            "invalid_request",
+            f"method.type 'dpo' trains the preference scenario, not {req.tunelab.scenario!r}: drop tunelab.scenario.",
+            "tunelab.scenario",
+        )
+    beta = getattr(hyper, "beta", "auto")
+    if beta != "auto" and "beta" in task and task["beta"] != beta:
+        raise bad_request(
+            "invalid_request",
+            f"method.dpo.hyperparameters.beta is {beta} but tunelab.spec.task.beta is {task['beta']}: give one.",
+            "method.dpo.hyperparameters.beta",
+        )
+    return {**task, "scenario": "preference", **({"beta": beta} if beta != "auto" else {})}
 
 
 def _spec_sections(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -217,7 +248,7 @@ def _spec_sections(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: dict(spec.get(name, {})) for name in SPEC_SECTIONS}
 
 
-def _apply_hyperparameters(train: dict[str, Any], hyper: Hyperparameters) -> None:
+def _apply_hyperparameters(train: dict[str, Any], hyper: Hyperparameters, method: str) -> None:
     for name, field in HYPER_FIELDS.items():
         value = getattr(hyper, name)
         if value == "auto":
@@ -225,9 +256,9 @@ def _apply_hyperparameters(train: dict[str, Any], hyper: Hyperparameters) -> Non
         if field in train and train[field] != value:
             raise bad_request(
                 "invalid_request",
-                f"method.supervised.hyperparameters.{name} is {value} but tunelab.spec.train.{field} is "
+                f"method.{method}.hyperparameters.{name} is {value} but tunelab.spec.train.{field} is "
                 f"{train[field]}: give only one of them.",
-                f"method.supervised.hyperparameters.{name}",
+                f"method.{method}.hyperparameters.{name}",
             )
         train[field] = value
     multiplier = hyper.learning_rate_multiplier

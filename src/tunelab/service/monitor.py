@@ -221,7 +221,12 @@ def metrics_event(row: dict[str, Any], total: int | None) -> Event:
         "tokens": row["tokens"],
         "tokens_per_s": row["tokens_per_s"],
     }
+    # What the objective adds to each step (DPO: reward accuracy and margin, chosen/rejected log-probabilities).
+    data |= {k: v for k, v in row.items() if k not in LOOP_KEYS}
     return Event(f"Step {step}{of}: training loss={row['loss']:.4f}", type="metrics", data=data)
+
+
+LOOP_KEYS = frozenset({"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"})
 
 
 def _eta(row: dict[str, Any], total: int | None) -> float | None:

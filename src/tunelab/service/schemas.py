@@ -31,10 +31,18 @@ class Supervised(_Request):
     hyperparameters: Hyperparameters = Hyperparameters()
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
+
+
+class DpoIn(_Request):
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
 class MethodIn(_Request):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoIn | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -134,9 +142,18 @@ class JobSupervised(BaseModel):
     hyperparameters: JobHyperparameters
 
 
+class JobDpoHyperparameters(JobHyperparameters):
+    beta: float
+
+
+class JobDpo(BaseModel):
+    hyperparameters: JobDpoHyperparameters
+
+
 class JobMethod(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: JobSupervised
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: JobSupervised | None = None
+    dpo: JobDpo | None = None
 
 
 class FineTuningJob(BaseModel):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tunelab.data.packing import Row
     from tunelab.evaluate import Generation
     from tunelab.models import ModelSource
+    from tunelab.train.objectives import Objective
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TaskData:
     n_val_examples: int
     warnings: list[str] = field(default_factory=list)
     val_items: list[object] = field(default_factory=list)  # what generations are drawn from (task-specific)
+    objective: Objective | None = None  # what training minimises; None: the model's own loss (CausalLM)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def get_task(name: str, approach: str = "generative") -> Task:
     from tunelab.tasks.creative import CreativeTask
     from tunelab.tasks.domain import DomainTask
     from tunelab.tasks.ner import NerTask
+    from tunelab.tasks.preference import PreferenceTask
     from tunelab.tasks.qa import QaTask
     from tunelab.tasks.translation import TranslationTask
 
@@ -78,6 +81,7 @@ def get_task(name: str, approach: str = "generative") -> Task:
             QaTask(),
             DomainTask(),
             CreativeTask(),
+            PreferenceTask(),
         )
     }
     return tasks[name]

@@ -20,10 +20,11 @@ import torch
 from transformers import get_scheduler
 
 from tunelab.config import CheckpointSpec, DistributedSpec, TrainSpec
-from tunelab.data.packing import Row, collate, loss_items
+from tunelab.data.packing import Row, collate
 from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import SINGLE, World, current_world
 from tunelab.train.engines import Engine, make_engine
+from tunelab.train.objectives import CausalLM, Objective
 from tunelab.train.progress import ProgressReporter, rewrite_metrics
 
 
@@ -83,6 +84,7 @@ def train(
     stop_after: int | None = None,
     reporter: ProgressReporter | None = None,
     dist_spec: DistributedSpec | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
 
@@ -90,6 +92,7 @@ def train(
     if not rows:
         raise ValueError("no training rows")  # callers check the data first; this guards the loop's arithmetic
     world = current_world()
+    objective = objective or CausalLM()
     engine = make_engine(model, train_spec, dist_spec or DistributedSpec(), world)
     plan = make_plan(len(rows), train_spec, world.size)
     scheduler = get_scheduler(
@@ -120,7 +123,9 @@ def train(
     with reporter, _stop_on_sigint() as stop_requested:
         while state.step < plan.total_steps:
             started = time.perf_counter()
-            loss, tokens, grad_norm = _step(engine, plan, rows, state.step, pad_id, packed, train_spec.max_grad_norm)
+            loss, tokens, grad_norm, stats = _step(
+                engine, objective, plan, rows, state.step, pad_id, packed, train_spec.max_grad_norm
+            )
             scheduler.step()
             state.step += 1
             state.tokens += tokens
@@ -133,6 +138,7 @@ def train(
                 "tokens": state.tokens,
                 "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9),
                 "elapsed_s": state.elapsed_s,
+                **stats,
             }
             state.history.append(row)
             reporter.update(row, eta_s=state.elapsed_s / state.step * (plan.total_steps - state.step))
@@ -154,10 +160,17 @@ def train(
 
 
 def _step(
-    engine: Engine, plan: Plan, rows: list[Row], step: int, pad_id: int, packed: bool, max_grad_norm: float
-) -> tuple[float, int, float]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean token loss, real tokens, grad norm) over
-    all processes."""
+    engine: Engine,
+    objective: Objective,
+    plan: Plan,
+    rows: list[Row],
+    step: int,
+    pad_id: int,
+    packed: bool,
+    max_grad_norm: float,
+) -> tuple[float, int, float, dict[str, float]]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, real tokens, grad norm, the
+    objective's statistics averaged per item) over all processes."""
     world = engine.world
     first = step * plan.grad_accum
     picks = [[rows[i] for i in plan.micro_batch(first + j, world)] for j in range(plan.grad_accum)]
@@ -166,18 +179,20 @@ def _step(
     # accumulation and data parallelism give the gradient of one big batch. Gradients are averaged over
     # processes, hence the division of the token count by the world size.
     local = [
-        sum(loss_items(b["labels"]) for b in batches),
+        sum(objective.count(b) for b in batches),
         sum(len(r.input_ids) for g in picks for r in g),
     ]
     n_items, tokens = _sum_over_world(world, local)
     total = 0.0
+    sums: dict[str, float] = {}
     for batch in batches:
-        out = engine.forward(batch, max(n_items, 1) / world.size)
-        engine.backward(out.loss)
-        total += float(out.loss.detach())
+        micro_loss, stats = objective.loss(engine.forward, batch, max(n_items, 1) / world.size)
+        engine.backward(micro_loss)
+        total += float(micro_loss.detach())
+        sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
     grad_norm = engine.step(max_grad_norm)
-    (loss,) = _sum_over_world(world, [total / world.size], torch.float64)
-    return loss, int(tokens), grad_norm
+    loss, *summed = _sum_over_world(world, [total / world.size, *sums.values()], torch.float64)
+    return loss, int(tokens), grad_norm, {k: v / max(n_items, 1) for k, v in zip(sums, summed, strict=True)}
 
 
 def _sum_over_world(world: World, values: Sequence[float], dtype: torch.dtype = torch.int64) -> list[float]:

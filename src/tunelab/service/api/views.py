@@ -14,6 +14,8 @@ from tunelab.service.schemas import (
     FileObject,
     FineTuningJob,
     JobCheckpoint,
+    JobDpo,
+    JobDpoHyperparameters,
     JobEvent,
     JobHyperparameters,
     JobMethod,
@@ -64,9 +66,15 @@ def job_view(row: JobRow) -> FineTuningJob:
         validation_file=row.validation_file,
         estimated_finish=_ts(row.estimated_finish) if row.status == "running" else None,
         metadata=row.meta,
-        method=JobMethod(supervised=JobSupervised(hyperparameters=hyper)),
+        method=_method(row.hyperparameters, hyper),
         tunelab=_extension(row, spec),
     )
+
+
+def _method(resolved: dict[str, Any], hyper: JobHyperparameters) -> JobMethod:
+    if "beta" in resolved:  # only a preference (DPO) job has one
+        return JobMethod(type="dpo", dpo=JobDpo(hyperparameters=JobDpoHyperparameters(**resolved)))
+    return JobMethod(supervised=JobSupervised(hyperparameters=hyper))
 
 
 def _extension(row: JobRow, spec: dict[str, Any]) -> dict[str, Any]:
