@@ -16,7 +16,7 @@ from tunelab.cli import app
 from tunelab.config import load_spec
 from tunelab.data.packing import collate
 from tunelab.data.preference import pair_rows, parse_pair
-from tunelab.data.render import IGNORE, tokenize
+from tunelab.data.render import IGNORE, Tokenized, tokenize
 from tunelab.errors import ConfigError
 from tunelab.methods import apply_method
 from tunelab.tasks import get_task
@@ -270,3 +270,44 @@ def test_dpo_under_two_processes_matches_one(tiny_llama_dir: Path, tmp_path: Pat
 
 def test_get_task_knows_the_preference_scenario() -> None:
     assert get_task("preference").name == "preference"
+
+
+def test_loss_and_statistics_equal_trls_dpo_trainer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The same batch through TRL's DPOTrainer (sigmoid loss, separate reference model) and through tunelab."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():  # a policy that differs from its reference, so rewards are not all zero
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pairs = [TRL_ROW, {"prompt": "Q: Is the sky green?\nA:", "chosen": " No", "rejected": " Yes, always green"}]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        max_length=None, precompute_ref_log_probs=False,
+    )  # fmt: skip
+    trainer = trl.DPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer
+    )
+    batch = next(iter(trainer.get_train_dataloader()))  # [chosen..., rejected...], right-padded
+    trl_loss = float(trainer.compute_loss(policy, batch))
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+
+    def sequence(i: int) -> Tokenized:
+        keep = mask[i].bool()
+        return Tokenized(ids[i][keep].tolist(), torch.where(completion[i].bool(), ids[i], IGNORE)[keep].tolist())
+
+    rows = pair_rows([(sequence(0), sequence(2)), (sequence(1), sequence(3))], 4096, packed=True)
+    objective = Dpo(beta=0.1)
+    objective.setup(reference, rows, 0, 4)
+    loss, stats = objective.loss(lambda inputs, n: policy(**inputs, use_cache=False), collate(rows, 0, True), 2)
+    assert float(loss) == pytest.approx(trl_loss, abs=1e-5)
+    assert stats["reward_accuracy"] / 2 == pytest.approx(logged["rewards/accuracies"], abs=1e-6)
+    assert stats["reward_margin"] / 2 == pytest.approx(logged["rewards/margins"], abs=1e-5)
+    assert stats["logp_chosen"] / 2 == pytest.approx(logged["logps/chosen"], abs=1e-4)
+    assert stats["logp_rejected"] / 2 == pytest.approx(logged["logps/rejected"], abs=1e-4)
