@@ -194,3 +194,30 @@ def test_embedded_model_fp32_parity_and_int4_agreement(tmp_path: Path) -> None:
     print(f"embedded: fp32 logits max |diff| {diff:.2e}; int4 greedy agreement {agreement}")
     assert diff < 1e-3
     assert agreement.rate > 0.5
+
+
+def test_every_onnx_session_gets_the_physical_cores(fp32_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left unset, onnxruntime-genai ran at half speed; both session kinds get an explicit thread count."""
+    import onnxruntime_genai as og
+
+    from tunelab.export.onnx import SequenceLogits, physical_cores
+
+    overlays: list[dict] = []
+    real_config, real_model = og.Config, og.Model
+
+    class Recording:
+        def __init__(self, path: str) -> None:
+            self.inner = real_config(path)
+
+        def overlay(self, text: str) -> None:
+            overlays.append(json.loads(text))
+            self.inner.overlay(text)
+
+    monkeypatch.setattr(og, "Config", Recording)
+    monkeypatch.setattr(og, "Model", lambda config: real_model(config.inner))
+    OnnxModel(fp32_dir)
+    OnnxModel(fp32_dir, threads=1)
+    options = [o["model"]["decoder"]["session_options"]["intra_op_num_threads"] for o in overlays]
+    assert options == [physical_cores(), 1]
+    assert SequenceLogits(fp32_dir).session.get_session_options().intra_op_num_threads == physical_cores()
+    assert SequenceLogits(fp32_dir, threads=1).session.get_session_options().intra_op_num_threads == 1

@@ -186,6 +186,9 @@ def generate_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     raw: Annotated[bool, typer.Option(help="Continue the text as is, without the chat template.")] = False,
     onnx: Annotated[Path | None, typer.Option(help="Generate with an ONNX export (tunelab export onnx).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="--onnx: ONNX Runtime threads (default: the physical cores).")
+    ] = None,
 ) -> None:
     """Generate greedily from the base model or the fine-tuned one."""
     from tunelab.evaluate import generate
@@ -196,7 +199,7 @@ def generate_cmd(
 
         if adapter is not None:
             raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
-        _print_text(generate_onnx(onnx, prompt, max_new_tokens, raw=raw))
+        _print_text(generate_onnx(onnx, prompt, max_new_tokens, raw=raw, threads=threads))
         return
 
     loaded, tokenizer = load_for_inference(model, adapter)

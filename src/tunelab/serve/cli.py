@@ -42,6 +42,9 @@ def serve_cmd(
     onnx: Annotated[Path | None, typer.Option(help="Serve an ONNX export (tunelab export onnx) instead.")] = None,
     name: Annotated[str | None, typer.Option(help="The model id of the base (default: --model or --onnx).")] = None,
     max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept loaded at once (LRU).")] = 4,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime threads (default: the machine's physical cores).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
 ) -> None:
@@ -51,7 +54,7 @@ def serve_cmd(
     from tunelab.serve.app import create_app
     from tunelab.serve.engines import build_engine
 
-    engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name)
+    engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name, threads)
     console.print(f"models: {', '.join(engine.model_ids)}")
     console.print(f"OpenAI base URL: http://{host}:{port}/v1")
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

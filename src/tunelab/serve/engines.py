@@ -157,12 +157,13 @@ def build_engine(
     onnx: Path | None = None,
     max_adapters: int = 4,
     name: str | None = None,
+    threads: int | None = None,
 ) -> Engine:
     """The engine `tunelab serve` runs: `name` is the model id the base answers to (default: as given)."""
     if onnx is not None:
         if adapters:
             raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
-        return OnnxEngine(name or str(onnx), OnnxModel(onnx))
+        return OnnxEngine(name or str(onnx), OnnxModel(onnx, threads))
     source = resolve(model)
     return TorchEngine(name or model, load_model(source), load_tokenizer(source), adapters or {}, max_adapters)
 
