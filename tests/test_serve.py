@@ -15,6 +15,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 from openai.types.chat import ChatCompletionMessageParam
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -383,3 +384,48 @@ def test_adapter_arguments_are_checked(tiny_llama_dir: Path, tmp_path: Path) -> 
         build_engine(str(tiny_llama_dir), {"bad": tmp_path})
     result = CliRunner().invoke(serve_app, ["--model", str(tiny_llama_dir), "--adapter", f"x={tmp_path}"])
     assert result.exit_code != 0 and isinstance(result.exception, TunelabError)
+
+
+def test_api_key_is_required_on_every_route_when_set(server: Server) -> None:
+    app = create_app(server.engine, frozenset({"k-1", "k-2"}))
+    with TestClient(app) as http:
+        routes = [("get", "/v1/models"), ("get", "/v1/models/tiny"), ("get", "/metrics"), ("get", "/openapi.json"),
+                  ("get", "/docs"), ("post", "/v1/chat/completions"), ("post", "/v1/completions")]  # fmt: skip
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k-1"}):
+                response = getattr(http, method)(path, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/health").status_code == 200  # probes stay open; they reveal nothing
+        assert http.get("/v1/models", headers={"Authorization": "Bearer k-2"}).status_code == 200
+    keyed = openai.OpenAI(base_url="http://testserver/v1", api_key="k-1", http_client=TestClient(app))
+    reply = keyed.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    assert reply.choices[0].message.content == server.expected["tiny"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url="http://testserver/v1", api_key="nope", http_client=TestClient(app)).models.list()
+
+
+def test_metrics_count_requests_tokens_and_latency(server: Server) -> None:
+    with TestClient(create_app(server.engine)) as http:
+        body = {"model": "alpha", "messages": MESSAGES, "max_tokens": 5, "temperature": 0}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        assert http.post("/v1/chat/completions", json={**body, "model": "nope"}).status_code == 404
+        text = http.get("/metrics").text
+    assert 'tunelab_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'tunelab_requests_total{route="/v1/chat/completions",status="404"} 1.0' in text
+    assert 'tunelab_completion_tokens_total{model="alpha"} 5.0' in text
+    assert 'tunelab_request_seconds_count{route="/v1/chat/completions"} 2.0' in text
+    assert "tunelab_requests_in_progress 1.0" in text  # the /metrics request itself
+
+
+def test_keys_file_and_empty_keys(tmp_path: Path) -> None:
+    from tunelab.errors import TunelabError
+    from tunelab.serve.cli import read_keys
+
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nalpha-key\n\nbeta-key  # ci\n")
+    assert read_keys(["cli-key"], keys) == {"cli-key", "alpha-key", "beta-key"}
+    with pytest.raises(TunelabError, match="must not be empty"):
+        read_keys([" "], None)
+    with pytest.raises(TunelabError, match="no such file"):
+        read_keys([], tmp_path / "missing")

@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tunelab.serve.engines import Engine
 from tunelab.serve.errors import install_error_handlers
+from tunelab.serve.metrics import ServeMetrics
+from tunelab.serve.metrics import install as install_metrics
 from tunelab.serve.schemas import ChatCompletionRequest, CompletionRequest, Model, ModelList
 from tunelab.serve.service import (
     CompletionService,
@@ -67,11 +69,14 @@ def _stream(events: Iterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The OpenAI-compatible app around `engine` (built by `tunelab.serve.engines.build_engine`)."""
+def create_app(engine: Engine, api_keys: frozenset[str] = frozenset()) -> FastAPI:
+    """The OpenAI-compatible app around `engine` (built by `tunelab.serve.engines.build_engine`). With `api_keys`,
+    every route but /health needs one of them as a bearer token."""
     app = FastAPI(title="tunelab serve", summary="OpenAI-compatible completions for a base model and its adapters")
-    app.state.service = CompletionService(engine)
+    metrics = ServeMetrics()
+    app.state.service = CompletionService(engine, metrics)
     install_error_handlers(app)
+    install_metrics(app, metrics, api_keys)
     app.include_router(router)
 
     @app.get("/health")

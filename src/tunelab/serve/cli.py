@@ -45,6 +45,17 @@ def serve_cmd(
     threads: Annotated[
         int | None, typer.Option(min=1, help="ONNX Runtime threads (default: the machine's physical cores).")
     ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            envvar="TUNELAB_SERVE_API_KEY",
+            help="Require this key (Authorization: Bearer KEY) on every route but /health; repeatable.",
+        ),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="A file of accepted keys, one per line ('#' starts a comment).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
 ) -> None:
@@ -54,10 +65,26 @@ def serve_cmd(
     from tunelab.serve.app import create_app
     from tunelab.serve.engines import build_engine
 
+    keys = read_keys(api_key or [], api_keys_file)
     engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name, threads)
     console.print(f"models: {', '.join(engine.model_ids)}")
-    console.print(f"OpenAI base URL: http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+    console.print(f"OpenAI base URL: http://{host}:{port}/v1 ({'API key required' if keys else 'no API key: open'})")
+    uvicorn.run(create_app(engine, keys), host=host, port=port, log_level="info")
+
+
+def read_keys(given: list[str], path: Path | None) -> frozenset[str]:
+    """Keys from the command line (or TUNELAB_SERVE_API_KEY) and a keys file; an empty key is a mistake."""
+    keys = [k.strip() for k in given]
+    if path is not None:
+        if not path.is_file():
+            raise TunelabError(f"--api-keys-file {path}: no such file")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        keys += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+        if not keys:
+            raise TunelabError(f"--api-keys-file {path}: no key in the file")
+    if any(not k for k in keys):
+        raise TunelabError("--api-key: a key must not be empty")
+    return frozenset(keys)
 
 
 serve_app = typer.Typer(pretty_exceptions_enable=False)

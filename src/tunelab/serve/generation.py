@@ -5,7 +5,7 @@ Sampling happens here, not in the engines, so the PyTorch and ONNX engines answe
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -57,9 +57,11 @@ class TextGeneration:
         sampling: Sampling,
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: set[int],
+        on_done: Callable[[TextGeneration], None] | None = None,
     ) -> None:
         self.decoder, self.prompt_ids, self.sampling = decoder, list(prompt_ids), sampling
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.on_done = on_done  # told when the generation ends (finished, stopped or cancelled): counts tokens
         self.finish_reason: FinishReason = "length"
         self.completion_tokens = 0
 
@@ -82,6 +84,8 @@ class TextGeneration:
                     logits = self.decoder.feed([token])
         finally:
             self.decoder.close()
+            if self.on_done is not None:
+                self.on_done(self)
 
     def deltas(self) -> Iterator[str]:
         ids: list[int] = []

@@ -18,6 +18,7 @@ from tunelab.inference import chat_prompt
 from tunelab.serve.engines import Engine, UnknownModel
 from tunelab.serve.errors import APIError, context_too_long, error_json, model_not_found, server_error_detail
 from tunelab.serve.generation import Sampling, TextGeneration
+from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -38,8 +39,9 @@ log = logging.getLogger("tunelab.serve")
 
 
 class CompletionService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, metrics: ServeMetrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.started = int(time.time())
 
     def models(self) -> ModelList:
@@ -77,7 +79,9 @@ class CompletionService:
         except UnknownModel:
             raise model_not_found(request.model) from None
         sampling = Sampling(budget, request.temperature, request.top_p, request.seed, request.stops())
-        return TextGeneration(decoder, ids, sampling, self.engine.tokenizer, self.engine.eos_ids)
+        metrics, model = self.metrics, request.model
+        on_done = (lambda run: metrics.generation_done(model, run)) if metrics else None
+        return TextGeneration(decoder, ids, sampling, self.engine.tokenizer, self.engine.eos_ids, on_done)
 
 
 def _template_role(role: str) -> str:
