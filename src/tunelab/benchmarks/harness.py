@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import logging
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lm_eval import simple_evaluate
+from lm_eval.evaluator import evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from rich.console import Console
@@ -28,6 +29,7 @@ from tunelab.errors import TunelabError
 
 TaskSpec = str | dict[str, Any]
 DEFAULT_BATCH_SIZE = 32
+FEWSHOT_SEED = 1234  # lm-eval's default: the same few-shot examples as its own runs
 # Loggers that report every step at INFO/WARNING ("pretrained is not a str", dataset building, ...).
 NOISY_LOGGERS = ("lm_eval", "datasets", "fsspec")
 
@@ -41,14 +43,20 @@ def resolve_tasks(names: Sequence[str], include_paths: Sequence[Path] = ()) -> t
     --include-path can redefine truthfulqa_mc1."""
     if not names:
         raise TunelabError("no benchmark given: name lm-eval tasks, e.g. --benchmark truthfulqa_mc1,truthfulqa_mc2")
-    folders = [TASKS_DIR, *(_checked_folder(p) for p in include_paths)]
-    manager = TaskManager(include_defaults=False, include_path=[str(f) for f in folders])
+    folders = tuple(str(f) for f in [TASKS_DIR, *(_checked_folder(p) for p in include_paths)])
+    manager = _task_manager(folders, with_builtin=False)
     if any(name not in manager.all_tasks for name in names):
-        manager = TaskManager(include_path=[str(f) for f in folders])
+        manager = _task_manager(folders, with_builtin=True)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise TunelabError(_unknown_message(unknown, manager.all_tasks))
     return manager, [_task_spec(manager, name) for name in names]
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(folders: tuple[str, ...], with_builtin: bool) -> TaskManager:
+    """Indexed once per process: a run scores before and after training with the same tasks."""
+    return TaskManager(include_defaults=with_builtin, include_path=list(folders))
 
 
 def _checked_folder(path: Path) -> Path:
@@ -90,29 +98,37 @@ def score_benchmarks(
     include_paths: Sequence[Path] = (),
     batch_size: int = DEFAULT_BATCH_SIZE,
     console: Console | None = None,
+    shared_cache: bool = True,
 ) -> BenchmarkScores:
     """Score `model` as it is (a base, a PeftModel with its adapter active, a merged or quantised model) on the
-    lm-eval tasks `names`, each on its first `limit` documents (all when None)."""
+    lm-eval tasks `names`, each on its first `limit` documents (all when None). `shared_cache=False` scores with
+    lm-eval's own request-by-request code instead of tunelab's faster one (same numbers; for comparison)."""
     manager, specs = resolve_tasks(names, include_paths)
     started = time.perf_counter()
     with _progress(console or Console(stderr=True, quiet=True)) as on_progress, _quiet_lm_eval():
-        lm = LoadedModelLM(model, tokenizer, batch_size=batch_size, on_progress=on_progress)
-        results = simple_evaluate(
-            model=lm,
-            tasks=specs,
-            task_manager=manager,
+        lm = LoadedModelLM(model, tokenizer, batch_size=batch_size, on_progress=on_progress, shared_cache=shared_cache)
+        results = evaluate(
+            lm=lm,
+            task_dict=_load_tasks(manager, specs),
             limit=limit,
             bootstrap_iters=0,  # standard errors by bootstrap cost minutes on MC2 and are not reported
             log_samples=False,
-            # None: leave the caller's random state alone (a run's adapter initialisation must not depend on
-            # whether benchmarks were scored before training).
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
         )
     if results is None:
         raise TunelabError("lm-eval returned no results (only rank 0 of a launch scores benchmarks)")
     return read_scores(results, time.perf_counter() - started)
+
+
+def _load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> Any:
+    """What lm-eval's simple_evaluate does before evaluating, without what tunelab does not want: it would reseed
+    Python, NumPy and torch (a run's adapter initialisation must not depend on whether benchmarks were scored before
+    training) and collect environment details by running pip and other programs (seconds)."""
+    loaded = manager.load(specs)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return loaded
 
 
 def read_scores(results: dict[str, Any], seconds: float) -> BenchmarkScores:
@@ -123,7 +139,12 @@ def read_scores(results: dict[str, Any], seconds: float) -> BenchmarkScores:
         higher_is_better = results.get("higher_is_better", {}).get(task, {})
         for key, value in values.items():
             metric, _, filter_name = key.partition(",")
-            if metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, int | float):
+            if (
+                metric.endswith("_stderr")
+                or metric == "sample_len"
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+            ):
                 continue
             name = f"{task}/{metric}" + (f"[{filter_name}]" if filter_name not in ("", "none") else "")
             metrics[name] = float(value)
