@@ -4,6 +4,7 @@ out here, the adapter really used, the CLI and a training run's before/after num
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
 from tunelab.benchmarks import TASKS_DIR, BenchmarkScores
 from tunelab.benchmarks.harness import score_benchmarks
 from tunelab.cli import app
+from tunelab.report import DPI, PANEL_WIDTH_IN
 
 ROOT = Path(__file__).parents[1]
 runner = CliRunner()
@@ -158,3 +161,90 @@ def test_the_adapter_is_used_and_merging_keeps_the_scores(questions: Path, tiny_
     merged = _score(adapted.merge_and_unload().eval(), tokenizer, limit=3).metrics
     for name, value in with_adapter.items():
         assert merged[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_cli_scores_benchmarks_without_a_spec(questions: Path, tiny_llama_dir: Path) -> None:
+    args = ["eval", "--benchmark", "truthfulqa_mc1,truthfulqa_mc2", "--model", str(tiny_llama_dir), "--limit", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("truthfulqa_mc1/acc", "truthfulqa_mc2/acc"):
+        assert re.search(rf"{re.escape(name)}\s*│\s*[01]\.\d{{4}}", result.output), result.output
+    assert "truthfulqa_mc1 2, truthfulqa_mc2 2" in result.output
+
+
+def test_user_tasks_come_from_include_path(questions: Path, tiny: tuple, tmp_path: Path) -> None:
+    """A user's YAML redefining truthfulqa_mc1 (here: only the question and the best answer, as choices) wins."""
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text(
+        "task: truthfulqa_mc1\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {questions / 'truthfulqa/test.jsonl'}}}}}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: 'Q: {{question}}\\nA:'\n"
+        "doc_to_target: 0\ndoc_to_choice: '{{[best_answer, incorrect_answers[0]]}}'\n"
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n",
+        encoding="utf-8",
+    )
+    model, tokenizer = tiny
+    ours = score_benchmarks(model, tokenizer, ["truthfulqa_mc1"]).metrics
+    theirs = score_benchmarks(model, tokenizer, ["truthfulqa_mc1"], include_paths=[tasks]).metrics
+    expected = np.mean(
+        [
+            _loglik(model, tokenizer, f"Q: {q['question']}\nA:", q["best_answer"])
+            > _loglik(model, tokenizer, f"Q: {q['question']}\nA:", q["incorrect_answers"][0])
+            for q in QUESTIONS
+        ]
+    )
+    assert theirs["truthfulqa_mc1/acc"] == pytest.approx(expected)
+    assert list(ours) == list(theirs)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--include-path", "/no/such/folder"], "benchmark include path /no/such/folder is not a folder"),
+        ([], "give a job spec to evaluate, or benchmarks"),
+    ],
+)
+def test_cli_errors_name_what_to_fix(args: list[str], message: str, tiny_llama_dir: Path) -> None:
+    benchmark = ["--benchmark", "truthfulqa_mc1"] if args else []
+    result = runner.invoke(app, ["eval", *benchmark, "--model", str(tiny_llama_dir), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_unknown_benchmark_suggests_names(tiny_llama_dir: Path) -> None:
+    result = runner.invoke(app, ["eval", "-b", "truthfulqa_mc3", "--model", str(tiny_llama_dir)])
+    assert result.exit_code == 2
+    assert "unknown benchmark 'truthfulqa_mc3' (did you mean 'truthfulqa_mc1'" in result.output
+
+
+def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"model: {{name: {tiny_llama_dir}}}\n"
+        "method: {name: lora, r: 4, alpha: 8}\n"
+        f"data: {{train: {ROOT / 'data/chat/train.jsonl'}, validation: {ROOT / 'data/chat/validation.jsonl'}}}\n"
+        "train: {max_steps: 3, batch_size: 4, lr: 5.0e-2, max_seq_len: 64}\n"
+        "eval: {max_examples: 4, generations: 0, samples: 0, benchmarks: [truthfulqa_mc1, truthfulqa_mc2],"
+        " benchmark_limit: 3}\n"
+        f"output_dir: {tmp_path / 'run'}\n",
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["train", str(spec)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" not in r] == [1, 2, 3]
+    evals = {r["eval"]: r for r in rows if "eval" in r}
+    assert set(evals) == {"before", "after"} and evals["after"]["step"] == 3
+    assert evals["before"]["truthfulqa_mc2/acc"] != evals["after"]["truthfulqa_mc2/acc"]  # lr 5e-2 moves it
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["before"]["truthfulqa_mc1/acc"] == evals["before"]["truthfulqa_mc1/acc"]
+    assert re.search(r"truthfulqa_mc2/acc\s*│", result.output)
+    html = (run / "report.html").read_text()
+    assert 'data-metric="truthfulqa_mc2/acc"' in html
+    assert "benchmarks before and after: truthfulqa_mc1/acc, truthfulqa_mc2/acc" in html
+    # One panel per scenario metric, ONE grouped panel for both benchmark metrics, the loss panel.
+    scenario = [name for name in summary["before"] if "/" not in name]
+    with Image.open(run / "report.png") as png:
+        assert png.size[0] == round(DPI * PANEL_WIDTH_IN * (len(scenario) + 2))
