@@ -130,18 +130,39 @@ def _launch(
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
-    spec: Annotated[Path, typer.Argument(help="A job spec: its model, scenario and validation data are used.")],
+    spec: Annotated[
+        Path | None, typer.Argument(help="A job spec: its model, scenario and validation data (optional with -b).")
+    ] = None,
     tuned: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="An adapter, merged or fully fine-tuned model folder.")
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where report.html/png go.")] = Path("runs/eval"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set model.name=...")] = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option("--benchmark", "-b", help="lm-eval tasks, comma-separated, e.g. truthfulqa_mc1,truthfulqa_mc2."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model (default: the spec's, or embedded).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Documents scored per benchmark (default: all).")] = None,
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAML files.")
+    ] = None,
 ) -> None:
-    """Score a model (and a tuned version of it) on a scenario; write the before/after report."""
+    """Score a model (and a tuned version of it) on a spec's scenario and/or lm-eval benchmarks (-b)."""
+    if spec is None:
+        if benchmark is None:
+            raise TunelabError(
+                "give a job spec to evaluate, or benchmarks: tunelab eval -b truthfulqa_mc1,truthfulqa_mc2"
+            )
+        _eval_benchmarks(benchmark, model or "embedded", tuned, limit, include_path)
+        return
     from tunelab.config import load_spec
     from tunelab.evaluate_job import run_eval
 
-    result = run_eval(load_spec(spec, set_), tuned, out_dir, console)
+    job = _with_benchmark_options(load_spec(spec, set_), benchmark, model, limit, include_path)
+    result = run_eval(job, tuned, out_dir, console)
     table = Table(title="base / tuned (validation)")
     for col in ("metric", "base", "tuned"):
         table.add_column(col)
@@ -150,6 +171,43 @@ def eval_cmd(
         table.add_row(key, f"{value:.4f}", f"{after[key]:.4f}" if key in after else "-")
     out.print(table)
     out.print(f"report: {result.report}")
+
+
+def _with_benchmark_options(
+    job: JobSpec, benchmark: str | None, model: str | None, limit: int | None, include_path: Path | None
+) -> JobSpec:
+    """The command line's --benchmark/--model/--limit/--include-path override the spec's fields."""
+    from tunelab.benchmarks import parse_benchmarks
+
+    if model is not None:
+        job.model.name = model
+    if benchmark is not None:
+        job.eval.benchmarks = parse_benchmarks(benchmark)
+    if limit is not None:
+        job.eval.benchmark_limit = limit
+    if include_path is not None:
+        job.eval.benchmark_include_path = include_path
+    return job
+
+
+def _eval_benchmarks(benchmark: str, model: str, adapter: Path | None, limit: int | None, path: Path | None) -> None:
+    """Benchmarks alone: no spec, no scenario; one model (base, base + adapter, or a model folder) scored."""
+    from tunelab.benchmarks import parse_benchmarks
+    from tunelab.benchmarks.harness import resolve_tasks, score_benchmarks
+    from tunelab.inference import load_for_inference
+
+    names, paths = parse_benchmarks(benchmark), [path] if path is not None else []
+    resolve_tasks(names, paths)  # a wrong name fails before the model loads
+    loaded, tokenizer = load_for_inference(model, adapter)
+    scores = score_benchmarks(loaded, tokenizer, names, limit=limit, include_paths=paths, console=console)
+    table = Table(title=f"benchmarks: {model}" + (f" + {adapter}" if adapter else ""))
+    for col in ("metric", "value"):
+        table.add_column(col)
+    for key, value in scores.metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    out.print(table)
+    questions = ", ".join(f"{task} {n}" for task, n in scores.questions.items())
+    out.print(f"questions: {questions}   time: {scores.seconds:.0f} s")
 
 
 @export_app.callback(invoke_without_command=True)

@@ -149,6 +149,13 @@ class EvalSpec(_Spec):
         ge=0,
         description="Validation examples generated and scored by the task metric (a head scores all max_examples).",
     )
+    benchmarks: list[str] = Field(
+        [],
+        description="lm-eval tasks scored before and after training, e.g. [truthfulqa_mc1, truthfulqa_mc2] (bundled "
+        "TruthfulQA split), any lm-eval task name, or a task of benchmark_include_path.",
+    )
+    benchmark_limit: int | None = Field(None, gt=0, description="Documents scored per benchmark (default: all).")
+    benchmark_include_path: Path | None = Field(None, description="A folder of your own lm-eval task YAML files.")
 
 
 class JobSpec(_Spec):

@@ -9,11 +9,12 @@ from pathlib import Path
 from rich.console import Console
 from transformers import set_seed
 
+from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.inference import load_for_inference
 from tunelab.models import load_tokenizer, resolve
 from tunelab.report import Sample, write_report
-from tunelab.tasks import Evaluation, get_task
+from tunelab.tasks import Evaluation, Task, TaskData, get_task
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,11 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
     set_seed(spec.train.seed)
     task = get_task(spec.task.scenario, spec.task.approach)
     data = task.prepare(spec, load_tokenizer(resolve(spec.model.name, spec.model.gguf_file)))
-    with console.status("evaluating the base model"):
-        model, tokenizer = load_for_inference(spec.model.name, load=task.load_model)
-        base = task.evaluate(model, tokenizer, data, spec)
-    result = None
-    if tuned is not None:
-        with console.status(f"evaluating {tuned}"):
-            model, tokenizer = load_for_inference(spec.model.name, tuned, load=task.load_model)
-            result = task.evaluate(model, tokenizer, data, spec)
+    check_benchmarks(spec)  # a wrong benchmark name fails before any model loads
+    base = _evaluate(task, data, spec, None, console)
+    result = _evaluate(task, data, spec, tuned, console) if tuned is not None else None
     outputs: list[str | None] = [s.output for s in result.samples] if result else [None] * len(base.samples)
+    benchmarks, benchmarks_lower = benchmark_metrics(base)
     paths = write_report(
         out_dir,
         title=f"tunelab eval: {spec.task.scenario}" + (f" — {tuned}" if tuned else ""),
@@ -45,6 +42,17 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
         history=[],
         samples=[Sample(b.prompt, b.reference, b.output, o) for b, o in zip(base.samples, outputs, strict=False)],
         info={"model": spec.model.name, "tuned": str(tuned or "-"), "scenario": spec.task.scenario},
-        lower_is_better=task.lower_is_better,
+        lower_is_better=task.lower_is_better | benchmarks_lower,
+        benchmarks=benchmarks,
     )
     return EvalResult(base, result, paths.html)
+
+
+def _evaluate(task: Task, data: TaskData, spec: JobSpec, tuned: Path | None, console: Console) -> Evaluation:
+    """The scenario's metrics, then the spec's benchmarks (outside the spinner: they show their own progress)."""
+    with console.status(f"evaluating {tuned or 'the base model'}"):
+        model, tokenizer = load_for_inference(spec.model.name, tuned, load=task.load_model)
+        evaluation = task.evaluate(model, tokenizer, data, spec)
+    if not spec.eval.benchmarks:
+        return evaluation
+    return with_benchmarks(evaluation, run_benchmarks(model, tokenizer, spec.eval, console))

@@ -18,6 +18,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.export.merge import save_adapter, save_merged
 from tunelab.methods import apply_method, count_parameters, get_method
@@ -28,6 +29,7 @@ from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
 from tunelab.train.objectives import CausalLM
+from tunelab.train.progress import log_benchmarks
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ def run_job(
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         (out / "spec.yaml").write_text(spec_text, encoding="utf-8")
     resume_from = _resume_point(out, resume)
+    if world.is_main and spec.eval.enabled:
+        check_benchmarks(spec)  # a wrong benchmark name fails now, not after training
 
     # Setup: model, tokenizer, data.
     set_seed(spec.train.seed)
@@ -128,6 +132,7 @@ def run_job(
         after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
         adapter = save_adapter(model, tokenizer, out / "adapter", pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
+    log_benchmarks(out / "metrics.jsonl", before, after, result.state.step)
     report = _report(spec, source.label, before, after, result, trainable, total, task)
     summary = _summary(
         spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
@@ -228,6 +233,8 @@ def _evaluate(
 ) -> Evaluation:
     with console.status(f"evaluating ({label})"):
         evaluation = task.evaluate(model, tokenizer, data, spec)
+    if spec.eval.benchmarks:  # after the status spinner: the benchmarks show their own progress
+        evaluation = with_benchmarks(evaluation, run_benchmarks(model, tokenizer, spec.eval, console))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
     console.print(f"eval {label}: {shown}")
     return evaluation
@@ -270,6 +277,7 @@ def _report(
         "training tokens/s": f"{state.tokens / max(state.elapsed_s, 1e-9):.0f}",
         "training time": f"{state.elapsed_s:.0f} s",
     }
+    benchmarks, benchmarks_lower = benchmark_metrics(before)
     paths = write_report(
         spec.output_dir,
         title=f"tunelab: {spec.method.name} on {spec.task.scenario}",
@@ -278,8 +286,9 @@ def _report(
         history=state.history,
         samples=samples,
         info=info,
-        lower_is_better=task.lower_is_better,
+        lower_is_better=task.lower_is_better | benchmarks_lower,
         figures=_figures(before, after),
+        benchmarks=benchmarks,
     )
     return paths.html
 

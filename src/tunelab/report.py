@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +56,12 @@ def write_report(
     info: dict[str, str],
     lower_is_better: frozenset[str],
     figures: dict[str, bytes] | None = None,
+    benchmarks: Sequence[str] = (),
 ) -> ReportPaths:
-    """`figures`: further PNG pictures (title -> bytes), e.g. confusion matrices, embedded after the main one."""
+    """`figures`: further PNG pictures (title -> bytes), e.g. confusion matrices, embedded after the main one.
+    `benchmarks`: metrics drawn together in one grouped before/after bar chart (lm-eval benchmarks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = render_png(before, after, history)
+    png = render_png(before, after, history, benchmarks)
     paths = ReportPaths(html=out_dir / "report.html", png=out_dir / "report.png")
     paths.png.write_bytes(png)
     page = _TEMPLATE.render(
@@ -67,6 +70,7 @@ def write_report(
         metrics=metric_rows(before, after, lower_is_better),
         has_after=after is not None,
         png_b64=base64.b64encode(png).decode("ascii"),
+        png_alt=_png_alt(benchmarks),
         figures={k: base64.b64encode(v).decode("ascii") for k, v in (figures or {}).items()},
         samples=samples,
         missing=MISSING,
@@ -109,14 +113,28 @@ def compare(old: float | None, new: float | None, lower_better: bool) -> tuple[s
     return f"{arrow} {amount}", "better" if improved else "worse"
 
 
-def render_png(before: dict[str, float], after: dict[str, float] | None, history: list[dict[str, float]]) -> bytes:
-    names = metric_names(before, after)
-    panels = len(names) + 1
-    fig = Figure(figsize=(PANEL_WIDTH_IN * panels, PANEL_HEIGHT_IN), dpi=DPI)
+def _png_alt(benchmarks: Sequence[str]) -> str:
+    grouped = f"; benchmarks before and after: {', '.join(benchmarks)}" if benchmarks else ""
+    return f"metrics before and after training, and the training loss{grouped}"
+
+
+def render_png(
+    before: dict[str, float],
+    after: dict[str, float] | None,
+    history: list[dict[str, float]],
+    benchmarks: Sequence[str] = (),
+) -> bytes:
+    names = [n for n in metric_names(before, after) if n not in benchmarks]
+    grouped = [n for n in metric_names(before, after) if n in benchmarks]
+    # The benchmark panel is as wide as a panel per two metrics, so its bars stay as wide as the others.
+    widths = [1.0] * len(names) + ([max(1.0, len(grouped) / 2)] if grouped else []) + [1.0]
+    fig = Figure(figsize=(PANEL_WIDTH_IN * sum(widths), PANEL_HEIGHT_IN), dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes = fig.subplots(1, len(widths), squeeze=False, gridspec_kw={"width_ratios": widths})[0]
     for ax, name in zip(axes, names, strict=False):
         _bar_panel(ax, name, before.get(name), after.get(name) if after is not None else None, after is not None)
+    if grouped:
+        _grouped_panel(axes[len(names)], grouped, before, after)
     _loss_panel(axes[-1], history)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -136,6 +154,24 @@ def _bar_panel(ax: Axes, name: str, old: float | None, new: float | None, has_af
     drawn = ax.bar(labels, values, color=colors, width=0.6)
     ax.bar_label(drawn, labels=[fmt(v) for v in values], padding=2)
     ax.set_xlim(-0.75, len(bars) - 0.25)
+    ax.margins(y=0.15)
+
+
+def _grouped_panel(ax: Axes, names: list[str], before: dict[str, float], after: dict[str, float] | None) -> None:
+    """Benchmark metrics side by side, a before and an after bar each (like the TruthfulQA MC1/MC2 chart of a
+    model card); non-finite or missing values are left out of the picture (the HTML table has them)."""
+    series = [("before", before, BEFORE_COLOR)] + ([("after", after, AFTER_COLOR)] if after is not None else [])
+    width = 0.8 / len(series)
+    for index, (label, values, color) in enumerate(series):
+        points = [(i, values[n]) for i, n in enumerate(names) if n in values and math.isfinite(values[n])]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        drawn = ax.bar([x + (index - (len(series) - 1) / 2) * width for x in xs], ys, width, label=label, color=color)
+        ax.bar_label(drawn, labels=[fmt(v) for v in ys], padding=2, fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace("/", "\n", 1) for n in names], fontsize=8)
+    ax.set_title("benchmarks")
+    ax.legend(loc="best", fontsize=8)
     ax.margins(y=0.15)
 
 
@@ -198,7 +234,7 @@ img { max-width: 100%; }
 {% else %}<p class="missing">no metrics (evaluation was disabled)</p>
 {% endif %}{% if not has_after %}<p class="missing">no values after training</p>
 {% endif %}
-<img alt="metrics before and after training, and the training loss" src="data:image/png;base64,{{ png_b64 }}">
+<img alt="{{ png_alt }}" src="data:image/png;base64,{{ png_b64 }}">
 {% for name, data in figures.items() %}<h2>{{ name }}</h2>
 <img alt="{{ name }}" src="data:image/png;base64,{{ data }}">
 {% endfor %}

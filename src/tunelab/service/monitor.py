@@ -19,6 +19,7 @@ from tunelab.service.ids import new_id, now
 from tunelab.service.settings import ServiceSettings
 from tunelab.service.store import Event, Progress, Store
 from tunelab.train.loop import make_plan
+from tunelab.train.progress import is_step_row
 
 logger = logging.getLogger("tunelab.service.monitor")
 _ROWS = re.compile(r" in (\d+) rows ")
@@ -83,7 +84,7 @@ class MetricsTail:
         if lines:
             self._offset += len(complete)
             self._last_line = lines[-1]
-        rows = [json.loads(line) for line in lines if line.strip()]
+        rows = [row for line in lines if line.strip() and is_step_row(row := json.loads(line))]
         # Exact resume repeats the steps after the checkpoint with the same values: each step is reported once.
         new = [r for r in rows if int(r["step"]) > self.last_step]
         if new:

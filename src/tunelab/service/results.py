@@ -13,6 +13,7 @@ from tunelab.service.db import FileRow, JobRow, ModelRow
 from tunelab.service.ids import new_id, now
 from tunelab.service.monitor import fine_tuned_name
 from tunelab.service.settings import ServiceSettings
+from tunelab.train.progress import is_step_row
 
 COLUMNS = [
     "step",
@@ -28,7 +29,8 @@ COLUMNS = [
 
 def results_csv(metrics_path: Path, after: dict[str, float]) -> str:
     """One row per step (OpenAI's step_metrics.csv columns first); validation scores on the last step."""
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    rows = [row for line in lines if line.strip() and is_step_row(row := json.loads(line))]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -17,6 +18,11 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from tunelab.benchmarks import benchmark_metrics
+
+if TYPE_CHECKING:
+    from tunelab.tasks import Evaluation
 
 
 class ProgressReporter:
@@ -89,3 +95,24 @@ class ProgressReporter:
 def rewrite_metrics(path: Path, history: list[dict[str, float]]) -> None:
     """On resume, the log must hold exactly the steps the checkpoint knows (later ones were lost)."""
     path.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+
+
+EVAL_KEY = "eval"  # marks a metrics.jsonl row as an evaluation ("before"/"after"), not a training step
+
+
+def log_benchmarks(path: Path, before: Evaluation, after: Evaluation | None, step: int) -> None:
+    """Append the benchmark scores before and after training (Evaluations) as two rows after the steps, e.g.
+    {"eval": "before", "step": 0, "truthfulqa_mc1/acc": 0.23}. A resumed run rewrites the steps and logs these anew."""
+    rows = []
+    for label, evaluation, at in (("before", before, 0), ("after", after, step)):
+        names = benchmark_metrics(evaluation)[0] if evaluation is not None else []
+        if evaluation is not None and names:
+            rows.append({EVAL_KEY: label, "step": at, **{n: evaluation.metrics[n] for n in names}})
+    if rows:
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def is_step_row(row: dict[str, Any]) -> bool:
+    """Readers of metrics.jsonl that want training steps skip the evaluation rows."""
+    return EVAL_KEY not in row
