@@ -84,18 +84,35 @@ def train_cmd(
         raise typer.Exit(130)
     if not current_world().is_main:
         return
-    table = Table(title="before / after (validation)")
-    for col in ("metric", "before", "after"):
-        table.add_column(col)
-    for key, value in summary.before.items():
-        table.add_row(key, f"{value:.4f}", f"{summary.after.get(key, float('nan')):.4f}")
-    out.print(table)
+    _print_scores("before / after (validation)", ("before", "after"), summary.before, summary.after)
     out.print(
         f"trainable parameters: {summary.trainable_params:,} / {summary.total_params:,}   "
         f"steps: {summary.steps}   training tokens/s: {summary.tokens_per_s:.0f}   "
         f"total time: {summary.seconds:.0f} s"
     )
     out.print(f"report:  {summary.report}\nadapter: {summary.adapter}\nmerged:  {summary.merged or '(not mergeable)'}")
+
+
+def _print_scores(
+    title: str, columns: tuple[str, str], before: dict[str, float], after: dict[str, float] | None
+) -> None:
+    """Scores side by side, with each change judged by its metric's direction (tunelab.metrics); no empty table."""
+    from tunelab.metrics import lower_is_better
+    from tunelab.report import compare, metric_names
+
+    if not before and not after:
+        out.print("evaluation was off (eval.enabled: false): no scores before or after")
+        return
+    shown = columns if after is not None else columns[:1]  # no tuned model: no column of dashes
+    table = Table("metric", *shown, *(("change",) if after is not None else ()), title=title)
+    for key in metric_names(before, after):
+        old, new = before.get(key), (after or {}).get(key)
+        cells = [f"{v:.4f}" if v is not None else "-" for v in (old, new)][: len(shown)]
+        if after is not None:
+            change, verdict = compare(old, new, lower_is_better(key))
+            cells.append(f"{change} {verdict}".strip())
+        table.add_row(key, *cells)
+    out.print(table)
 
 
 def _launch(
@@ -142,13 +159,8 @@ def eval_cmd(
     from tunelab.evaluate_job import run_eval
 
     result = run_eval(load_spec(spec, set_), tuned, out_dir, console)
-    table = Table(title="base / tuned (validation)")
-    for col in ("metric", "base", "tuned"):
-        table.add_column(col)
-    after = result.tuned.metrics if result.tuned else {}
-    for key, value in result.base.metrics.items():
-        table.add_row(key, f"{value:.4f}", f"{after[key]:.4f}" if key in after else "-")
-    out.print(table)
+    tuned_metrics = result.tuned.metrics if result.tuned else None
+    _print_scores("base / tuned", ("base", "tuned"), result.base.metrics, tuned_metrics)
     out.print(f"report: {result.report}")
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.packing import Row
 from tunelab.errors import DataError, Problem
 from tunelab.evaluate import Generation
-from tunelab.metrics import classification_metrics, confusion
+from tunelab.metrics import LOWER_IS_BETTER, classification_metrics, confusion
 from tunelab.tasks import Evaluation, TaskData
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.generative import Item
@@ -35,7 +35,7 @@ class Text:
 
 class ClassificationHeadTask:
     name = "classification"
-    lower_is_better = frozenset({"loss"})
+    lower_is_better = LOWER_IS_BETTER
 
     def __init__(self) -> None:
         self.reader = ClassificationTask()

@@ -24,6 +24,7 @@ from tunelab.data.readers import read_records
 from tunelab.data.render import Tokenized, generation_prompt, tokenize
 from tunelab.errors import DataError, Problem
 from tunelab.evaluate import Generation, generate_batch, language_metrics
+from tunelab.metrics import LOWER_IS_BETTER
 from tunelab.models import ModelSource, load_model
 from tunelab.tasks import Evaluation, TaskData
 
@@ -44,7 +45,7 @@ def instructed(line: int, system: str, user: str, answer: str) -> ChatExample:
 
 class GenerativeTask(ABC):
     name: str = ""
-    lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
+    lower_is_better: frozenset[str] = LOWER_IS_BETTER
     max_new_tokens: int = 48  # long enough for this scenario's answers
     required: tuple[str, ...] = ()  # fields every row must have
     sampling: ClassVar[dict[str, float]] = {}  # empty: greedy decoding (deterministic answers to score)

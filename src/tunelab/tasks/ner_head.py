@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.packing import Row
 from tunelab.data.render import IGNORE
 from tunelab.evaluate import Generation
-from tunelab.metrics import entity_metrics
+from tunelab.metrics import LOWER_IS_BETTER, entity_metrics
 from tunelab.tasks import Evaluation, TaskData
 from tunelab.tasks.generative import Item
 from tunelab.tasks.heads import load_head_model, predict, start_token, truncation_warning
@@ -40,7 +40,7 @@ class Sentence:
 
 class NerHeadTask:
     name = "ner"
-    lower_is_better = frozenset({"loss"})
+    lower_is_better = LOWER_IS_BETTER
 
     def __init__(self) -> None:
         self.reader = NerTask()
