@@ -128,3 +128,10 @@ def _read_parquet(path: Path) -> list[Row]:
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError([Problem(path.name, f"Parquet: {exc}", "check that the file is Parquet")]) from exc
     return [Row(i + 1, record) for i, record in enumerate(table.to_pylist())]
+
+
+def mapped(data: Any, columns: dict[str, str]) -> Any:
+    """A row with the scenario's fields taken from the columns named in `data.columns` ({field: column})."""
+    if not columns or not isinstance(data, dict):
+        return data
+    return {**data, **{field: data[column] for field, column in columns.items() if column in data}}

@@ -41,7 +41,17 @@ class Task(Protocol):
     name: str
     lower_is_better: frozenset[str]
 
+    def check_data(self, spec: JobSpec) -> list[str]:
+        """Read and check the spec's data files as `prepare` does, without a tokenizer (`tunelab data validate`):
+        a DataError lists every bad row; the returned warnings are those training would print."""
+        ...
+
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData: ...
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        """The validation rows alone, for scoring (`tunelab eval`): no training rows are tokenized, and the
+        training file is read only when the validation split or the label set comes from it."""
+        ...
 
     def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
         """The model with this task's head (after `prepare`: a classification head's size comes from the data)."""

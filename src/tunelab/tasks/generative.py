@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import ChatExample, Message
 from tunelab.data.packing import pack, unpacked
-from tunelab.data.readers import read_records
+from tunelab.data.readers import mapped, read_records
 from tunelab.data.render import Tokenized, generation_prompt, tokenize
-from tunelab.errors import DataError, Problem
+from tunelab.errors import DataError, Problem, summarize
 from tunelab.evaluate import Generation, generate_batch, language_metrics
 from tunelab.metrics import LOWER_IS_BETTER
 from tunelab.models import ModelSource, load_model
@@ -62,28 +62,48 @@ class GenerativeTask(ABC):
         """Warnings about a whole split (e.g. class imbalance)."""
         return []
 
+    def check_split(self, train: list[Item], val: list[Item], spec: JobSpec) -> list[str]:
+        """Warnings (or a DataError) about validation against training (e.g. labels never trained)."""
+        return []
+
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self, path: Path, spec: JobSpec) -> list[Item]:
-        """Every row parsed; every bad row reported at once, with its line."""
+        """Every row parsed; every bad row reported at once, with its line (a problem repeated on many rows once,
+        with its count and the columns the file has)."""
+        records = read_records(path)
         items: list[Item] = []
         problems: list[Problem] = []
-        for row in read_records(path):
+        for row in records:
             where = f"{path.name}:{row.line}"
-            missing = [f for f in self.required if f not in row.data]
+            data = mapped(row.data, spec.data.columns)
+            missing = [f for f in self.required if f not in data]
             if missing:
-                problems.append(
-                    Problem(where, f"missing field(s) {missing}", f"{self.name} rows need {list(self.required)}")
-                )
+                problems.append(Problem(where, f"missing field(s) {missing}", code="missing_field"))
                 continue
             try:
-                items.append(self.parse(row.data, row.line, spec))
+                items.append(self.parse(data, row.line, spec))
             except (ValueError, TypeError) as exc:
                 problems.append(Problem(where, str(exc), code="invalid_row"))
         if problems:
-            raise DataError(problems)
+            columns = sorted(records[0].data) if records else []
+            raise DataError(summarize(problems, path.name, self._columns_hint(columns, spec)))
         if not items:
             raise DataError([Problem(str(path), "no rows", "the file is empty")])
         return items
+
+    def _columns_hint(self, columns: list[str], spec: JobSpec) -> dict[str, str]:
+        """The hint for missing fields: what the rows need, what the file has, how to map one to the other."""
+        fields = [f for f in self.required if f not in columns and f not in spec.data.columns]
+        if not fields:
+            return {}
+        spare = [c for c in columns if c not in self.required and c not in spec.data.columns.values()]
+        # The mapping is guessed only when it is unambiguous (as many spare columns as missing fields).
+        pairs = list(zip(fields, spare if len(spare) == len(fields) else ["<column>"] * len(fields), strict=True))
+        mapping = ", ".join(f"{f}: {c}" for f, c in pairs)
+        return {
+            "missing_field": f"{self.name} rows need {list(self.required)}; the file has columns {columns}; "
+            f"map them with data.columns: {{{mapping}}} in the spec, or --set data.columns.{pairs[0][0]}={pairs[0][1]}"
+        }
 
     def split(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
         train = self.load(spec.data.train, spec)
@@ -106,10 +126,36 @@ class GenerativeTask(ABC):
         return language_metrics(model, rows, tokenizer.pad_token_id, spec.packing, spec.train.batch_size)
 
     # -- the Task protocol -----------------------------------------------------------------------------------
+    def check_data(self, spec: JobSpec) -> list[str]:
+        train, val = self.split(spec)
+        return self.check(train, "train") + self.check_split(train, val, spec)
+
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train, val = self.split(spec)
-        warnings = self.check(train, "train")
+        warnings = self.check(train, "train") + self.check_split(train, val, spec)
         train_tok = _tokenize_all(train, tokenizer, spec, warnings, "train")
+        return self._with_validation(train_tok, val, spec, tokenizer, warnings)
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        train, val = self.held_out(spec)
+        warnings = self.check_split(train, val, spec)
+        return self._with_validation([], val, spec, tokenizer, warnings)
+
+    def held_out(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
+        """What scoring needs: the validation items (and the training items only where the split needs them).
+        A validation file is read alone; a held-out split needs the training file it is cut from."""
+        if spec.data.validation is None:
+            return self.split(spec)
+        return [], self.load(spec.data.validation, spec)
+
+    def _with_validation(
+        self,
+        train_tok: list[Tokenized],
+        val: list[Item],
+        spec: JobSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        warnings: list[str],
+    ) -> TaskData:
         val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation")
         to_rows = (lambda t: pack(t, spec.train.max_seq_len)) if spec.packing else unpacked
         return TaskData(to_rows(train_tok), to_rows(val_tok), len(train_tok), len(val_tok), warnings, list(val))

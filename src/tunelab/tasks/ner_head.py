@@ -47,6 +47,18 @@ class NerHeadTask:
         self.labels: list[str] = []
         self.pad_id = 0
 
+    def check_data(self, spec: JobSpec) -> list[str]:
+        return self.reader.check_data(spec)
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        """Only the validation rows are encoded; the training file, if read to split it, sizes the head too."""
+        train_items, val_items = self.reader.held_out(spec)
+        self.labels = bio_labels([i.reference[1] for i in train_items + val_items])
+        self.pad_id = int(tokenizer.pad_token_id)
+        warnings: list[str] = []
+        val_rows, sentences = self._encode_split(val_items, tokenizer, spec, "validation", warnings)
+        return TaskData([], val_rows, 0, len(val_items), warnings, list(sentences))
+
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train_items, val_items = self.reader.split(spec)
         # Types seen in either split: every tag the head is scored on needs an output (a type seen only in
