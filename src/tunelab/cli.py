@@ -383,14 +383,70 @@ def bench_cmd(
 @data_app.command("validate")
 @friendly_errors
 def data_validate_cmd(
-    file: Annotated[Path, typer.Argument(help="A chat JSONL file.")],
+    file: Annotated[Path | None, typer.Argument(help="A data file (or a job spec: its own data files).")] = None,
+    scenario: Annotated[
+        str | None, typer.Option("--scenario", "-s", help="The rows' scenario (default: the spec's, else chat).")
+    ] = None,
+    spec: Annotated[Path | None, typer.Option(help="A job spec: its scenario, columns, labels and files.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="e.g. --set data.columns.text=sms")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Count tokens with this model's tokenizer.")
     ] = None,
-    max_seq_len: Annotated[int, typer.Option(help="Examples longer than this are reported.")] = 512,
-    min_examples: Annotated[int, typer.Option(help="Fewest examples accepted.")] = 10,
+    max_seq_len: Annotated[int | None, typer.Option(help="Examples longer than this are reported.")] = None,
+    min_examples: Annotated[int, typer.Option(help="Fewest examples accepted (chat).")] = 10,
 ) -> None:
-    """Check a chat file as OpenAI's fine-tuning does: every problem with its line number and code."""
+    """Check a data file (or a spec's files) as training will read it: every problem with its line and code."""
+    if file is not None and spec is None and file.suffix in (".yaml", ".yml"):
+        file, spec = None, file  # a spec given as the file: check the files it names
+    if spec is None and (scenario or "chat") == "chat":
+        if file is None:
+            raise TunelabError("give a data FILE, or --spec SPEC to check a spec's data files")
+        _validate_chat(file, model, max_seq_len or 512, min_examples)
+        return
+    job = _validation_spec(file, scenario, spec, set_, max_seq_len)
+    _validate_scenario(job, file, model)
+
+
+def _validation_spec(
+    file: Path | None, scenario: str | None, spec: Path | None, set_: list[str] | None, max_seq_len: int | None
+) -> JobSpec:
+    """The JobSpec training would read the data with: the given spec, or the scenario's defaults, with FILE as
+    both splits (a file alone is checked whole)."""
+    from tunelab.config import load_spec
+
+    overrides = [*(set_ or []), *([f"task.scenario={scenario}"] if scenario else [])]
+    overrides += [f"train.max_seq_len={max_seq_len}"] if max_seq_len else []
+    overrides += [f"data.train={file}", f"data.validation={file}"] if file else []
+    return load_spec(spec, overrides, base={"data": {}})
+
+
+def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> None:
+    from tunelab.models import load_tokenizer, resolve
+    from tunelab.tasks import check_data
+
+    checked = check_data(job, load_tokenizer(resolve(model)) if model else None)
+    for problem in checked.errors:
+        out.print(f"[red]error[/]   {escape(str(problem))}")
+    for warning in _file_warnings(checked.warnings, file):
+        out.print(f"[yellow]warning[/] {escape(warning)}")
+    files = [str(f) for f in dict.fromkeys([job.data.train, job.data.validation]) if f is not None]
+    counted = f", {checked.n_examples} training examples" if checked.n_examples is not None else ""
+    out.print(f"{', '.join(files)}: {job.task.scenario} data{counted}: {'OK' if checked.ok else 'NOT OK'}")
+    if model is None:
+        console.print("lengths not checked: pass --model (e.g. embedded) to tokenize as training does")
+    if not checked.ok:
+        raise typer.Exit(1)
+
+
+def _file_warnings(warnings: list[str], file: Path | None) -> list[str]:
+    """A file checked alone is both splits: say its name once instead of "train:" and "validation:" twice."""
+    if file is None:
+        return warnings
+    return list(dict.fromkeys(f"{file.name}: {w.partition(': ')[2] or w}" for w in warnings))
+
+
+def _validate_chat(file: Path, model: str | None, max_seq_len: int, min_examples: int) -> None:
+    """A chat file, checked as OpenAI's fine-tuning does."""
     from tunelab.data.validate import validate_chat_file
     from tunelab.inference import token_counter
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.errors import DataError, Problem
+
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
     from tunelab.data.packing import Row
@@ -60,6 +62,30 @@ class Task(Protocol):
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation: ...
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    errors: list[Problem]
+    warnings: list[str]
+    n_examples: int | None = None  # training examples kept (counted when a tokenizer is given)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> DataCheck:
+    """The spec's data checked by its scenario's own task, as training reads it: every bad row as an error;
+    with a tokenizer, the data is also tokenized as training does, so length warnings are those `train` prints."""
+    task = get_task(spec.task.scenario, spec.task.approach)
+    try:
+        if tokenizer is None:
+            return DataCheck([], task.check_data(spec))
+        data = task.prepare(spec, tokenizer)
+    except DataError as exc:
+        return DataCheck(exc.problems, [])
+    return DataCheck([], data.warnings, data.n_train_examples)
 
 
 def get_task(name: str, approach: str = "generative") -> Task:

@@ -189,19 +189,30 @@ def _tokenize_all(
     items: list[Item], tokenizer: PreTrainedTokenizerBase, spec: JobSpec, warnings: list[str], split: str
 ) -> list[Tokenized]:
     done = [tokenize(i.example, tokenizer, spec.train.max_seq_len, spec.task.train_on_prompt) for i in items]
-    truncated = sum(t.truncated for t in done)
+    truncated = [i.example.line for i, t in zip(items, done, strict=True) if t.truncated]
     if truncated:
         warnings.append(
-            f"{split}: {truncated} example(s) longer than train.max_seq_len={spec.train.max_seq_len} were truncated"
+            f"{split}: {len(truncated)} example(s) longer than train.max_seq_len={spec.train.max_seq_len} were "
+            f"truncated ({_lines(truncated)})"
         )
     kept = [t for t in done if t.n_trained > 0]
-    if len(kept) < len(done):
+    dropped = [i.example.line for i, t in zip(items, done, strict=True) if t.n_trained == 0]
+    if dropped:
         warnings.append(
-            f"{split}: {len(done) - len(kept)} example(s) had no trained token left after truncation "
-            "and were dropped; raise train.max_seq_len"
+            f"{split}: {len(dropped)} example(s) had no trained token left after truncation "
+            f"and were dropped ({_lines(dropped)}); raise train.max_seq_len"
         )
     if not kept:
         raise DataError(
             [Problem(f"data.{split}", "no example has a trained token", "check the answers and train.max_seq_len")]
         )
     return kept
+
+
+def _lines(lines: list[int], shown: int = 5) -> str:
+    return (
+        "line"
+        + ("s " if len(lines) > 1 else " ")
+        + ", ".join(map(str, lines[:shown]))
+        + (", ..." if len(lines) > shown else "")
+    )
