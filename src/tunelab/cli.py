@@ -147,21 +147,47 @@ def _launch(
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
-    spec: Annotated[Path, typer.Argument(help="A job spec: its model, scenario and validation data are used.")],
+    spec: Annotated[
+        Path | None, typer.Argument(help="A job spec: its model, scenario and validation data (or give --data).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A file to score (no spec needed; with a spec: instead of its validation file).")
+    ] = None,
+    scenario: Annotated[
+        str | None, typer.Option("--scenario", "-s", help="The rows' scenario (with --data; default chat).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The base model (default: the spec's, else embedded).")
+    ] = None,
     tuned: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="An adapter, merged or fully fine-tuned model folder.")
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where report.html/png go.")] = Path("runs/eval"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set model.name=...")] = None,
 ) -> None:
-    """Score a model (and a tuned version of it) on a scenario; write the before/after report."""
-    from tunelab.config import load_spec
+    """Score a model (and a tuned version of it) on a scenario's data; write the before/after report."""
     from tunelab.evaluate_job import run_eval
 
-    result = run_eval(load_spec(spec, set_), tuned, out_dir, console)
+    result = run_eval(_eval_spec(spec, data, scenario, model, set_), tuned, out_dir, console)
     tuned_metrics = result.tuned.metrics if result.tuned else None
     _print_scores("base / tuned", ("base", "tuned"), result.base.metrics, tuned_metrics)
     out.print(f"report: {result.report}")
+
+
+def _eval_spec(
+    spec: Path | None, data: Path | None, scenario: str | None, model: str | None, set_: list[str] | None
+) -> JobSpec:
+    """The spec to score with: the given one, or the scenario's defaults around `--data` alone (the file is the
+    validation split; as training file it only names the labels, for a classification without task.labels)."""
+    from tunelab.config import load_spec
+
+    if spec is None and data is None:
+        raise TunelabError("give a job spec, or --data FILE to score (with --scenario and --model)")
+    overrides = [*(set_ or []), *([f"task.scenario={scenario}"] if scenario else [])]
+    overrides += [f"model.name={model}"] if model else []
+    overrides += [f"data.validation={data}"] if data else []
+    base = {"data": {"train": str(data)}}  # no spec: the file is all there is
+    return load_spec(spec, overrides, base=base)
 
 
 @export_app.callback(invoke_without_command=True)

@@ -1,5 +1,6 @@
 """`tunelab eval`: score any model — a base, base + adapter, or a merged/fully fine-tuned folder — on a spec's
-scenario and validation data, and write the same report as training does (base = "before", tuned = "after")."""
+scenario and validation data (or any file: the CLI makes it the spec's validation file), and write the same report
+as training does (base = "before", tuned = "after")."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tunelab.inference import load_for_inference
 from tunelab.models import load_tokenizer, resolve
 from tunelab.report import Sample, write_report
 from tunelab.tasks import Evaluation, get_task
+from tunelab.train.progress import reporting
 
 
 @dataclass(frozen=True)
@@ -24,16 +26,20 @@ class EvalResult:
 
 
 def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console) -> EvalResult:
-    """Evaluate spec.model, and `tuned` (an adapter or a model folder) when given, on the spec's validation data."""
+    """Evaluate spec.model, and `tuned` (an adapter or a model folder) when given, on the spec's validation data.
+    Only the validation rows are tokenized; the data warnings are those `train` prints for the same file."""
     set_seed(spec.train.seed)
     task = get_task(spec.task.scenario, spec.task.approach)
-    data = task.prepare(spec, load_tokenizer(resolve(spec.model.name, spec.model.gguf_file)))
-    with console.status("evaluating the base model"):
+    data = task.prepare_eval(spec, load_tokenizer(resolve(spec.model.name, spec.model.gguf_file)))
+    for warning in data.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"data: {data.n_val_examples} examples to score ({spec.data.validation or spec.data.train})")
+    with reporting(console, "eval base"):
         model, tokenizer = load_for_inference(spec.model.name, load=task.load_model)
         base = task.evaluate(model, tokenizer, data, spec)
     result = None
     if tuned is not None:
-        with console.status(f"evaluating {tuned}"):
+        with reporting(console, "eval tuned"):
             model, tokenizer = load_for_inference(spec.model.name, tuned, load=task.load_model)
             result = task.evaluate(model, tokenizer, data, spec)
     outputs: list[str | None] = [s.output for s in result.samples] if result else [None] * len(base.samples)

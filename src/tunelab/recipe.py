@@ -27,6 +27,7 @@ from tunelab.tasks import Evaluation, Task, TaskData, get_task
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
+from tunelab.train.progress import reporting
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _evaluate(
     console: Console,
     label: str,
 ) -> Evaluation:
-    with console.status(f"evaluating ({label})"):
+    with reporting(console, f"eval {label}"):  # each phase shows its progress, in a terminal and in a log
         evaluation = task.evaluate(model, tokenizer, data, spec)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
     console.print(f"eval {label}: {shown}")
