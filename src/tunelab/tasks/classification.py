@@ -52,7 +52,7 @@ class ClassificationTask(GenerativeTask):
         names = sorted({str(i.reference) for i in unseen})
         lines = ", ".join(str(i.example.line) for i in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
         message = (
-            f"{len(unseen)} of {len(val)} validation row(s) have label(s) {names} that are not among the "
+            f"{len(unseen)} of {len(val)} row(s) have label(s) {names} that are not among the "
             f"training labels {self.labels} (lines {lines})"
         )
         if spec.data.unseen_labels == "error":

@@ -204,7 +204,14 @@ def _tokenize_all(
         )
     if not kept:
         raise DataError(
-            [Problem(f"data.{split}", "no example has a trained token", "check the answers and train.max_seq_len")]
+            [
+                Problem(
+                    f"data.{split}",
+                    f"no example has a trained token ({len(dropped)} of {len(done)} lost their answer to "
+                    f"truncation at train.max_seq_len={spec.train.max_seq_len})",
+                    "raise train.max_seq_len, or check the answers",
+                )
+            ]
         )
     return kept
 
