@@ -424,9 +424,9 @@ def data_validate_cmd(
     """Check a data file (or a spec's files) as training will read it: every problem with its line and code."""
     if file is not None and spec is None and file.suffix in (".yaml", ".yml"):
         file, spec = None, file  # a spec given as the file: check the files it names
-    if spec is None and (scenario or "chat") == "chat":
-        if file is None:
-            raise TunelabError("give a data FILE, or --spec SPEC to check a spec's data files")
+    if file is None and spec is None:
+        raise TunelabError("give a data FILE (with --scenario), or --spec SPEC to check a spec's data files")
+    if spec is None and file is not None and (scenario or "chat") == "chat":
         _validate_chat(file, model, max_seq_len or 512, min_examples)
         return
     job = _validation_spec(file, scenario, spec, set_, max_seq_len)
@@ -447,6 +447,7 @@ def _validation_spec(
 
 
 def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> None:
+    from tunelab.data.readers import read_records
     from tunelab.models import load_tokenizer, resolve
     from tunelab.tasks import check_data
 
@@ -455,9 +456,11 @@ def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> No
         out.print(f"[red]error[/]   {escape(str(problem))}")
     for warning in _file_warnings(checked.warnings, file):
         out.print(f"[yellow]warning[/] {escape(warning)}")
-    files = [str(f) for f in dict.fromkeys([job.data.train, job.data.validation]) if f is not None]
+    files = [f for f in dict.fromkeys([job.data.train, job.data.validation]) if f is not None]
+    # Every row was read without error when the check passed: counting them again is cheap and reassuring.
+    shown = [f"{f} ({len(read_records(f))} rows)" if checked.ok else str(f) for f in files]
     counted = f", {checked.n_examples} training examples" if checked.n_examples is not None else ""
-    out.print(f"{', '.join(files)}: {job.task.scenario} data{counted}: {'OK' if checked.ok else 'NOT OK'}")
+    out.print(f"{', '.join(shown)}: {job.task.scenario} data{counted}: {'OK' if checked.ok else 'NOT OK'}")
     if model is None:
         console.print("lengths not checked: pass --model (e.g. embedded) to tokenize as training does")
     if not checked.ok:
