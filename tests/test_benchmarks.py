@@ -202,7 +202,7 @@ def test_user_tasks_come_from_include_path(questions: Path, tiny: tuple, tmp_pat
     ("args", "message"),
     [
         (["--include-path", "/no/such/folder"], "benchmark include path /no/such/folder is not a folder"),
-        ([], "give a job spec to evaluate, or benchmarks"),
+        ([], "or benchmarks: tunelab eval -b"),
     ],
 )
 def test_cli_errors_name_what_to_fix(args: list[str], message: str, tiny_llama_dir: Path) -> None:

@@ -84,18 +84,35 @@ def train_cmd(
         raise typer.Exit(130)
     if not current_world().is_main:
         return
-    table = Table(title="before / after (validation)")
-    for col in ("metric", "before", "after"):
-        table.add_column(col)
-    for key, value in summary.before.items():
-        table.add_row(key, f"{value:.4f}", f"{summary.after.get(key, float('nan')):.4f}")
-    out.print(table)
+    _print_scores("before / after (validation)", ("before", "after"), summary.before, summary.after)
     out.print(
         f"trainable parameters: {summary.trainable_params:,} / {summary.total_params:,}   "
         f"steps: {summary.steps}   training tokens/s: {summary.tokens_per_s:.0f}   "
         f"total time: {summary.seconds:.0f} s"
     )
     out.print(f"report:  {summary.report}\nadapter: {summary.adapter}\nmerged:  {summary.merged or '(not mergeable)'}")
+
+
+def _print_scores(
+    title: str, columns: tuple[str, str], before: dict[str, float], after: dict[str, float] | None
+) -> None:
+    """Scores side by side, with each change judged by its metric's direction (tunelab.metrics); no empty table."""
+    from tunelab.metrics import lower_is_better
+    from tunelab.report import compare, metric_names
+
+    if not before and not after:
+        out.print("evaluation was off (eval.enabled: false): no scores before or after")
+        return
+    shown = columns if after is not None else columns[:1]  # no tuned model: no column of dashes
+    table = Table("metric", *shown, *(("change",) if after is not None else ()), title=title)
+    for key in metric_names(before, after):
+        old, new = before.get(key), (after or {}).get(key)
+        cells = [f"{v:.4f}" if v is not None else "-" for v in (old, new)][: len(shown)]
+        if after is not None:
+            change, verdict = compare(old, new, lower_is_better(key))
+            cells.append(f"{change} {verdict}".strip())
+        table.add_row(key, *cells)
+    out.print(table)
 
 
 def _launch(
@@ -131,7 +148,16 @@ def _launch(
 @friendly_errors
 def eval_cmd(
     spec: Annotated[
-        Path | None, typer.Argument(help="A job spec: its model, scenario and validation data (optional with -b).")
+        Path | None, typer.Argument(help="A job spec: its model, scenario and validation data (or give --data).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A file to score (no spec needed; with a spec: instead of its validation file).")
+    ] = None,
+    scenario: Annotated[
+        str | None, typer.Option("--scenario", "-s", help="The rows' scenario (with --data; default chat).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The base model (default: the spec's, else embedded).")
     ] = None,
     tuned: Annotated[
         Path | None, typer.Option("--adapter", "-a", help="An adapter, merged or fully fine-tuned model folder.")
@@ -142,45 +168,36 @@ def eval_cmd(
         str | None,
         typer.Option("--benchmark", "-b", help="lm-eval tasks, comma-separated, e.g. truthfulqa_mc1,truthfulqa_mc2."),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Base model (default: the spec's, or embedded).")
-    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Documents scored per benchmark (default: all).")] = None,
     include_path: Annotated[
         Path | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAML files.")
     ] = None,
 ) -> None:
-    """Score a model (and a tuned version of it) on a spec's scenario and/or lm-eval benchmarks (-b)."""
-    if spec is None:
+    """Score a model (and a tuned version of it) on a scenario's data and/or lm-eval benchmarks (-b); write the
+    before/after report."""
+    if spec is None and data is None:
         if benchmark is None:
             raise TunelabError(
-                "give a job spec to evaluate, or benchmarks: tunelab eval -b truthfulqa_mc1,truthfulqa_mc2"
+                "give a job spec, --data FILE to score (with --scenario and --model), "
+                "or benchmarks: tunelab eval -b truthfulqa_mc1,truthfulqa_mc2"
             )
         _eval_benchmarks(benchmark, model or "embedded", tuned, limit, include_path)
         return
-    from tunelab.config import load_spec
     from tunelab.evaluate_job import run_eval
 
-    job = _with_benchmark_options(load_spec(spec, set_), benchmark, model, limit, include_path)
+    job = _with_benchmark_options(_eval_spec(spec, data, scenario, model, set_), benchmark, limit, include_path)
     result = run_eval(job, tuned, out_dir, console)
-    table = Table(title="base / tuned (validation)")
-    for col in ("metric", "base", "tuned"):
-        table.add_column(col)
-    after = result.tuned.metrics if result.tuned else {}
-    for key, value in result.base.metrics.items():
-        table.add_row(key, f"{value:.4f}", f"{after[key]:.4f}" if key in after else "-")
-    out.print(table)
+    tuned_metrics = result.tuned.metrics if result.tuned else None
+    _print_scores("base / tuned", ("base", "tuned"), result.base.metrics, tuned_metrics)
     out.print(f"report: {result.report}")
 
 
 def _with_benchmark_options(
-    job: JobSpec, benchmark: str | None, model: str | None, limit: int | None, include_path: Path | None
+    job: JobSpec, benchmark: str | None, limit: int | None, include_path: Path | None
 ) -> JobSpec:
-    """The command line's --benchmark/--model/--limit/--include-path override the spec's fields."""
+    """The command line's --benchmark/--limit/--include-path override the spec's fields."""
     from tunelab.benchmarks import parse_benchmarks
 
-    if model is not None:
-        job.model.name = model
     if benchmark is not None:
         job.eval.benchmarks = parse_benchmarks(benchmark)
     if limit is not None:
@@ -208,6 +225,22 @@ def _eval_benchmarks(benchmark: str, model: str, adapter: Path | None, limit: in
     out.print(table)
     questions = ", ".join(f"{task} {n}" for task, n in scores.questions.items())
     out.print(f"questions: {questions}   time: {scores.seconds:.0f} s")
+
+
+def _eval_spec(
+    spec: Path | None, data: Path | None, scenario: str | None, model: str | None, set_: list[str] | None
+) -> JobSpec:
+    """The spec to score with: the given one, or the scenario's defaults around `--data` alone (the file is the
+    validation split; as training file it only names the labels, for a classification without task.labels)."""
+    from tunelab.config import load_spec
+
+    if spec is None and data is None:
+        raise TunelabError("give a job spec, or --data FILE to score (with --scenario and --model)")
+    overrides = [*(set_ or []), *([f"task.scenario={scenario}"] if scenario else [])]
+    overrides += [f"model.name={model}"] if model else []
+    overrides += [f"data.validation={data}"] if data else []
+    base = {"data": {"train": str(data)}}  # no spec: the file is all there is
+    return load_spec(spec, overrides, base=base)
 
 
 @export_app.callback(invoke_without_command=True)
@@ -432,14 +465,73 @@ def bench_cmd(
 @data_app.command("validate")
 @friendly_errors
 def data_validate_cmd(
-    file: Annotated[Path, typer.Argument(help="A chat JSONL file.")],
+    file: Annotated[Path | None, typer.Argument(help="A data file (or a job spec: its own data files).")] = None,
+    scenario: Annotated[
+        str | None, typer.Option("--scenario", "-s", help="The rows' scenario (default: the spec's, else chat).")
+    ] = None,
+    spec: Annotated[Path | None, typer.Option(help="A job spec: its scenario, columns, labels and files.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="e.g. --set data.columns.text=sms")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Count tokens with this model's tokenizer.")
     ] = None,
-    max_seq_len: Annotated[int, typer.Option(help="Examples longer than this are reported.")] = 512,
-    min_examples: Annotated[int, typer.Option(help="Fewest examples accepted.")] = 10,
+    max_seq_len: Annotated[int | None, typer.Option(help="Examples longer than this are reported.")] = None,
+    min_examples: Annotated[int, typer.Option(help="Fewest examples accepted (chat).")] = 10,
 ) -> None:
-    """Check a chat file as OpenAI's fine-tuning does: every problem with its line number and code."""
+    """Check a data file (or a spec's files) as training will read it: every problem with its line and code."""
+    if file is not None and spec is None and file.suffix in (".yaml", ".yml"):
+        file, spec = None, file  # a spec given as the file: check the files it names
+    if file is None and spec is None:
+        raise TunelabError("give a data FILE (with --scenario), or --spec SPEC to check a spec's data files")
+    if spec is None and file is not None and (scenario or "chat") == "chat":
+        _validate_chat(file, model, max_seq_len or 512, min_examples)
+        return
+    job = _validation_spec(file, scenario, spec, set_, max_seq_len)
+    _validate_scenario(job, file, model)
+
+
+def _validation_spec(
+    file: Path | None, scenario: str | None, spec: Path | None, set_: list[str] | None, max_seq_len: int | None
+) -> JobSpec:
+    """The JobSpec training would read the data with: the given spec, or the scenario's defaults, with FILE as
+    both splits (a file alone is checked whole)."""
+    from tunelab.config import load_spec
+
+    overrides = [*(set_ or []), *([f"task.scenario={scenario}"] if scenario else [])]
+    overrides += [f"train.max_seq_len={max_seq_len}"] if max_seq_len else []
+    overrides += [f"data.train={file}", f"data.validation={file}"] if file else []
+    return load_spec(spec, overrides, base={"data": {}})
+
+
+def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> None:
+    from tunelab.data.readers import read_records
+    from tunelab.models import load_tokenizer, resolve
+    from tunelab.tasks import check_data
+
+    checked = check_data(job, load_tokenizer(resolve(model)) if model else None)
+    for problem in checked.errors:
+        out.print(f"[red]error[/]   {escape(str(problem))}")
+    for warning in _file_warnings(checked.warnings, file):
+        out.print(f"[yellow]warning[/] {escape(warning)}")
+    files = [f for f in dict.fromkeys([job.data.train, job.data.validation]) if f is not None]
+    # Every row was read without error when the check passed: counting them again is cheap and reassuring.
+    shown = [f"{f} ({len(read_records(f))} rows)" if checked.ok else str(f) for f in files]
+    counted = f", {checked.n_examples} training examples" if checked.n_examples is not None else ""
+    out.print(f"{', '.join(shown)}: {job.task.scenario} data{counted}: {'OK' if checked.ok else 'NOT OK'}")
+    if model is None:
+        console.print("lengths not checked: pass --model (e.g. embedded) to tokenize as training does")
+    if not checked.ok:
+        raise typer.Exit(1)
+
+
+def _file_warnings(warnings: list[str], file: Path | None) -> list[str]:
+    """A file checked alone is both splits: say its name once instead of "train:" and "validation:" twice."""
+    if file is None:
+        return warnings
+    return list(dict.fromkeys(f"{file.name}: {w.partition(': ')[2] or w}" for w in warnings))
+
+
+def _validate_chat(file: Path, model: str | None, max_seq_len: int, min_examples: int) -> None:
+    """A chat file, checked as OpenAI's fine-tuning does."""
     from tunelab.data.validate import validate_chat_file
     from tunelab.inference import token_counter
 

@@ -88,6 +88,15 @@ class DataSpec(_Spec):
     validation: Path | None = Field(None, description="Validation file; default: hold out `validation_split`.")
     validation_split: float = Field(0.1, gt=0, lt=1, description="Fraction held out when no validation file.")
     format: Literal["auto", "messages", "prompt_completion"] = Field("auto", description="Row format.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="The scenario's fields read from differently named columns, e.g. {text: sms, label: category}.",
+    )
+    unseen_labels: Literal["warn", "error"] = Field(
+        "warn",
+        description="classification (both approaches): a validation label never seen in training is warned "
+        "(with the count and the labels) or refused.",
+    )
 
 
 class TrainSpec(_Spec):

@@ -45,3 +45,23 @@ class DataError(ProblemsError):
 
 class ModelError(TunelabError):
     """A model could not be found or loaded."""
+
+
+REPEATS_SHOWN = 3  # a problem on more rows than this is reported once, with its count and its first lines
+
+
+def summarize(problems: list[Problem], file: str, hints: dict[str, str] | None = None) -> list[Problem]:
+    """Problems of one file, each repeated problem once: 200 identical lines hide the one thing to fix.
+    `hints` gives a code's hint (e.g. the columns the file has), shown once per problem."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault((problem.code, problem.message), []).append(problem)
+    summary: list[Problem] = []
+    for (code, message), group in groups.items():
+        hint = (hints or {}).get(code, group[0].hint)
+        if len(group) <= REPEATS_SHOWN:
+            summary += [Problem(p.where, p.message, hint, p.code) for p in group]
+            continue
+        lines = ", ".join(p.where.rpartition(":")[2] for p in group[:REPEATS_SHOWN])
+        summary.append(Problem(file, f"{message} on {len(group)} rows (lines {lines}, ...)", hint, code))
+    return summary

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.packing import Row, collate
 from tunelab.data.render import IGNORE, encode_prompt
+from tunelab.train.progress import phase
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,20 @@ def language_metrics(
     """Token-level loss, perplexity and next-token accuracy over the trained (label) tokens of `rows`."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id, packed)
-        labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits  # no cache: packed rows keep their block mask
-        # Prompt-learning models return logits for their virtual tokens too; keep the last positions.
-        logits = logits[:, -labels.shape[1] :, :].float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        mask = shift_labels != IGNORE
-        loss_sum += float(torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum"))
-        correct += int((shift_logits.argmax(-1)[mask] == shift_labels[mask]).sum())
-        count += int(mask.sum())
+    with phase("loss", len(rows), "rows") as shown:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id, packed)
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits  # no cache: packed rows keep their block mask
+            # Prompt-learning models return logits for their virtual tokens too; keep the last positions.
+            logits = logits[:, -labels.shape[1] :, :].float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            mask = shift_labels != IGNORE
+            summed = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+            loss_sum += float(summed)
+            correct += int((shift_logits.argmax(-1)[mask] == shift_labels[mask]).sum())
+            count += int(mask.sum())
+            shown.advance(len(labels))
     if count == 0:
         raise ValueError("no trained tokens in the evaluation rows")
     loss = loss_sum / count
@@ -79,20 +83,22 @@ def generate_batch(
     options = {k: v for k, v in (sampling or {}).items() if k != "seed"}
     if sampling:
         torch.manual_seed(int(sampling.get("seed", 0)))
-    for start in range(0, len(order), batch_size):
-        group = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in group)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in group])
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in group])
-        out = model.generate(  # type: ignore[operator]
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=bool(sampling),
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            **options,
-        )
-        for row, index in zip(out, group, strict=True):
-            outputs[index] = str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip()
+    with phase("generation", len(prompts)) as shown:
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in group)
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in group])
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in group])
+            out = model.generate(  # type: ignore[operator]
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=bool(sampling),
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+                **options,
+            )
+            for row, index in zip(out, group, strict=True):
+                outputs[index] = str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip()
+            shown.advance(len(group))
     return [outputs[i] for i in range(len(prompts))]

@@ -1,5 +1,6 @@
 """`tunelab eval`: score any model — a base, base + adapter, or a merged/fully fine-tuned folder — on a spec's
-scenario and validation data, and write the same report as training does (base = "before", tuned = "after")."""
+scenario and validation data (or any file: the CLI makes it the spec's validation file), and write the same report
+as training does (base = "before", tuned = "after")."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tunelab.inference import load_for_inference
 from tunelab.models import load_tokenizer, resolve
 from tunelab.report import Sample, write_report
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
+from tunelab.train.progress import reporting
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,15 @@ class EvalResult:
 
 
 def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console) -> EvalResult:
-    """Evaluate spec.model, and `tuned` (an adapter or a model folder) when given, on the spec's validation data."""
+    """Evaluate spec.model, and `tuned` (an adapter or a model folder) when given, on the spec's validation data.
+    Only the validation rows are tokenized; the data warnings are those `train` prints for the same file."""
     set_seed(spec.train.seed)
     task = get_task(spec.task.scenario, spec.task.approach)
-    data = task.prepare(spec, load_tokenizer(resolve(spec.model.name, spec.model.gguf_file)))
+    data = task.prepare_eval(spec, load_tokenizer(resolve(spec.model.name, spec.model.gguf_file)))
     check_benchmarks(spec)  # a wrong benchmark name fails before any model loads
+    for warning in data.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"data: {data.n_val_examples} examples to score ({spec.data.validation or spec.data.train})")
     base = _evaluate(task, data, spec, None, console)
     result = _evaluate(task, data, spec, tuned, console) if tuned is not None else None
     outputs: list[str | None] = [s.output for s in result.samples] if result else [None] * len(base.samples)
@@ -49,8 +55,8 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
 
 
 def _evaluate(task: Task, data: TaskData, spec: JobSpec, tuned: Path | None, console: Console) -> Evaluation:
-    """The scenario's metrics, then the spec's benchmarks (outside the spinner: they show their own progress)."""
-    with console.status(f"evaluating {tuned or 'the base model'}"):
+    """The scenario's metrics (each phase shows its progress), then the spec's benchmarks (they show their own)."""
+    with reporting(console, "eval tuned" if tuned else "eval base"):
         model, tokenizer = load_for_inference(spec.model.name, tuned, load=task.load_model)
         evaluation = task.evaluate(model, tokenizer, data, spec)
     if not spec.eval.benchmarks:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+from typing import Literal
 
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -16,6 +17,20 @@ from sklearn.metrics import confusion_matrix
 from sklearn.metrics import f1_score as sk_f1
 
 UNKNOWN = "<unknown>"  # a generated answer that is none of the labels
+
+# Which way each metric improves, declared once for the report, the terminal tables and the service's events.
+# A metric not listed (e.g. a benchmark's accuracy) is taken as higher-is-better.
+DIRECTION: dict[str, Literal["higher", "lower"]] = {
+    "loss": "lower", "perplexity": "lower", "unknown_rate": "lower", "token_accuracy": "higher",
+    "accuracy": "higher", "macro_f1": "higher", "entity_precision": "higher", "entity_recall": "higher",
+    "entity_f1": "higher", "bleu": "higher", "chrf": "higher", "rouge_l": "higher", "exact_match": "higher",
+    "f1": "higher", "abc_well_formed": "higher", "pair_accuracy": "higher", "pair_margin": "higher",
+}  # fmt: skip
+LOWER_IS_BETTER = frozenset(name for name, way in DIRECTION.items() if way == "lower")
+
+
+def lower_is_better(name: str) -> bool:
+    return name in LOWER_IS_BETTER
 
 
 def classification_metrics(predicted: list[str], gold: list[str], labels: list[str]) -> dict[str, float]:

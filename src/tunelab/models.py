@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -171,13 +173,58 @@ def load_classifier(source: ModelSource, head: Head, labels: list[str], pad_id: 
     """The model with a classification head of `len(labels)` classes: one label per sequence or one per token.
     A base model's head is new (initialised from the seed); a saved classifier's is read back. The label names go
     into the config, and the pad id too: a sequence head reads each row at its last non-pad token."""
-    return _load(
-        HEAD_CLASSES[head],
-        source,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        pad_token_id=pad_id,
+    held = _HeldLoadReport()
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(held)
+    try:
+        model = _load(
+            HEAD_CLASSES[head],
+            source,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            pad_token_id=pad_id,
+        )
+    finally:
+        logger.removeFilter(held)
+    for record in held.records:
+        if _only_new_head(record.getMessage()):
+            # A base model has no head yet: transformers' table (score.weight MISSING, lm_head.weight UNEXPECTED)
+            # is what a new head looks like, and it alarms; one plain line says what happened instead.
+            record.msg = (
+                f"tunelab: a new {head} classification head with {len(labels)} labels was initialised on the base "
+                "model (it is trained with the method)"
+            )
+            record.args = ()
+        logger.handle(record)
+    return model
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' load report while a classifier loads, to be judged once loading is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+def _only_new_head(report: str) -> bool:
+    """Whether a load report says only that the head is new: the head's weights missing, and the language-model
+    head, which a classifier does not have, unused. Anything else (a mismatch, other missing weights) is shown."""
+    rows = [
+        [cell.strip() for cell in re.sub(r"\x1b\[[0-9;]*m", "", line).split("|")]
+        for line in report.splitlines()
+        if "|" in line
+    ]
+    expected = {"MISSING": ("score.",), "UNEXPECTED": ("lm_head.",), "Status": ("Key",)}
+    return bool(rows) and all(
+        len(row) >= 2 and row[1] in expected and row[0].startswith(expected[row[1]]) for row in rows
     )
 
 

@@ -29,7 +29,7 @@ from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
 from tunelab.train.objectives import CausalLM
-from tunelab.train.progress import log_benchmarks
+from tunelab.train.progress import log_benchmarks, reporting
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def _evaluate(
     console: Console,
     label: str,
 ) -> Evaluation:
-    with console.status(f"evaluating ({label})"):
+    with reporting(console, f"eval {label}"):  # each phase shows its progress, in a terminal and in a log
         evaluation = task.evaluate(model, tokenizer, data, spec)
     if spec.eval.benchmarks:  # after the status spinner: the benchmarks show their own progress
         evaluation = with_benchmarks(evaluation, run_benchmarks(model, tokenizer, spec.eval, console))

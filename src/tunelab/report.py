@@ -14,6 +14,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tunelab.metrics import LOWER_IS_BETTER
+
 PANEL_WIDTH_IN = 4.0
 PANEL_HEIGHT_IN = 3.2
 DPI = 110
@@ -54,11 +56,12 @@ def write_report(
     history: list[dict[str, float]],
     samples: list[Sample],
     info: dict[str, str],
-    lower_is_better: frozenset[str],
+    lower_is_better: frozenset[str] = LOWER_IS_BETTER,
     figures: dict[str, bytes] | None = None,
     benchmarks: Sequence[str] = (),
 ) -> ReportPaths:
-    """`figures`: further PNG pictures (title -> bytes), e.g. confusion matrices, embedded after the main one.
+    """`lower_is_better`: the metrics that improve by going down (default: as declared in tunelab.metrics).
+    `figures`: further PNG pictures (title -> bytes), e.g. confusion matrices, embedded after the main one.
     `benchmarks`: metrics drawn together in one grouped before/after bar chart (lm-eval benchmarks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_png(before, after, history, benchmarks)

@@ -37,12 +37,34 @@ def iter_jsonl(path: Path) -> Iterator[Row | Problem]:
             try:
                 yield Row(number, json.loads(text))
             except json.JSONDecodeError as exc:
-                yield Problem(
-                    where,
-                    f"invalid JSON: {exc.msg} at column {exc.colno}",
-                    "each line must be one JSON object",
-                    "invalid_json",
-                )
+                yield Problem(where, f"invalid JSON: {json_cause(exc, text)}", "each line must be one JSON object",
+                              "invalid_json")  # fmt: skip
+
+
+# json's messages for the usual mistakes, in plain words (its own end in "at", e.g. "Invalid control character at").
+JSON_CAUSES = {
+    "Unterminated string starting at": "unterminated string (the line may be cut off)",
+    "Expecting value": "a value is missing (the line may be cut off, or have a trailing comma)",
+    "Expecting property name enclosed in double quotes": "a key is not in double quotes (or there is a trailing comma)",
+    "Expecting ',' delimiter": "a comma is missing between two items (or the line is cut off)",
+    "Expecting ':' delimiter": "a colon is missing after a key",
+    "Extra data": "more than one JSON value on the line",
+}
+
+
+def json_cause(exc: json.JSONDecodeError, text: str) -> str:
+    """What is wrong with a line, and at which column."""
+    if exc.msg == "Invalid control character at":
+        # A raw newline inside a string is what a line cut off in the middle of a string looks like.
+        rest = text[exc.pos :].strip()
+        cause = (
+            "unterminated string (the line may be cut off)"
+            if not rest
+            else "a raw control character (tab, newline) inside a string; write it as \\t or \\n"
+        )
+    else:
+        cause = JSON_CAUSES.get(exc.msg, exc.msg.removesuffix(" at").lower())
+    return f"{cause}, at column {exc.colno}"
 
 
 def read_jsonl(path: Path) -> list[Row]:
@@ -106,3 +128,10 @@ def _read_parquet(path: Path) -> list[Row]:
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError([Problem(path.name, f"Parquet: {exc}", "check that the file is Parquet")]) from exc
     return [Row(i + 1, record) for i, record in enumerate(table.to_pylist())]
+
+
+def mapped(data: Any, columns: dict[str, str]) -> Any:
+    """A row with the scenario's fields taken from the columns named in `data.columns` ({field: column})."""
+    if not columns or not isinstance(data, dict):
+        return data
+    return {**data, **{field: data[column] for field, column in columns.items() if column in data}}

@@ -26,7 +26,9 @@ from rich.console import Console
 
 from tunelab.config import JobSpec
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
+from tunelab.metrics import lower_is_better
 from tunelab.recipe import RunSummary, run_job
+from tunelab.report import compare
 from tunelab.service.db import JobRow
 from tunelab.service.ids import now
 from tunelab.service.monitor import EventLog, Monitor, fine_tuned_name
@@ -180,7 +182,7 @@ class Worker:
         model = model_row(job, summary)
         events = []
         if summary.after:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.after.items())
+            shown = ", ".join(_scored(k, v, summary.before.get(k)) for k, v in summary.after.items())
             events.append(Event(f"Validation after training: {shown}", type="metrics", data=dict(summary.after)))
         events += [Event(f"New fine-tuned model created: {model.id}"), Event("The job has successfully completed")]
         self.store.release(
@@ -231,3 +233,9 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _scored(name: str, after: float, before: float | None) -> str:
+    """`accuracy 0.9000 (better)`: the verdict follows the metric's declared direction (tunelab.metrics)."""
+    _, verdict = compare(before, after, lower_is_better(name))
+    return f"{name} {after:.4f}" + (f" ({verdict})" if verdict else "")

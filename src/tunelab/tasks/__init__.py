@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.errors import DataError, Problem
+
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
     from tunelab.data.packing import Row
@@ -43,7 +45,17 @@ class Task(Protocol):
     name: str
     lower_is_better: frozenset[str]
 
+    def check_data(self, spec: JobSpec) -> list[str]:
+        """Read and check the spec's data files as `prepare` does, without a tokenizer (`tunelab data validate`):
+        a DataError lists every bad row; the returned warnings are those training would print."""
+        ...
+
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData: ...
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        """The validation rows alone, for scoring (`tunelab eval`): no training rows are tokenized, and the
+        training file is read only when the validation split or the label set comes from it."""
+        ...
 
     def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
         """The model with this task's head (after `prepare`: a classification head's size comes from the data)."""
@@ -52,6 +64,30 @@ class Task(Protocol):
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation: ...
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    errors: list[Problem]
+    warnings: list[str]
+    n_examples: int | None = None  # training examples kept (counted when a tokenizer is given)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> DataCheck:
+    """The spec's data checked by its scenario's own task, as training reads it: every bad row as an error;
+    with a tokenizer, the data is also tokenized as training does, so length warnings are those `train` prints."""
+    task = get_task(spec.task.scenario, spec.task.approach)
+    try:
+        if tokenizer is None:
+            return DataCheck([], task.check_data(spec))
+        data = task.prepare(spec, tokenizer)
+    except DataError as exc:
+        return DataCheck(exc.problems, [])
+    return DataCheck([], data.warnings, data.n_train_examples)
 
 
 def get_task(name: str, approach: str = "generative") -> Task:

@@ -27,6 +27,8 @@ class ClassificationTask(GenerativeTask):
 
     def __init__(self) -> None:
         self.labels: list[str] = []
+        # What happens to a row whose label was never trained (the head approach says its own).
+        self.unseen_fate = "they are scored as wrong: the model was never taught them"
 
     def split(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
         train, val = super().split(spec)
@@ -37,6 +39,26 @@ class ClassificationTask(GenerativeTask):
         # Every prompt names the same choices (the training label set), so train and validation prompts match.
         system = spec.task.instruction or f"Classify the text. Answer with one word: {', '.join(self.labels)}."
         return [_with_system(i, system) for i in train], [_with_system(i, system) for i in val]
+
+    def held_out(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
+        # The training file is read even to score: its label set is what the prompts name and the model learned.
+        return self.split(spec)
+
+    def check_split(self, train: list[Item], val: list[Item], spec: JobSpec) -> list[str]:
+        """One rule for both approaches: a validation label outside the label set is warned or refused."""
+        unseen = [i for i in val if i.reference not in self.labels]
+        if not unseen:
+            return []
+        names = sorted({str(i.reference) for i in unseen})
+        lines = ", ".join(str(i.example.line) for i in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        message = (
+            f"{len(unseen)} of {len(val)} row(s) have label(s) {names} that are not among the "
+            f"training labels {self.labels} (lines {lines})"
+        )
+        if spec.data.unseen_labels == "error":
+            hint = "add training rows with these labels, list them in task.labels, or set data.unseen_labels: warn"
+            raise DataError([Problem("data.validation", message, hint, "unseen_label")])
+        return [f"validation: {message}; {self.unseen_fate} (data.unseen_labels: error refuses such files)"]
 
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
         text, label = row["text"], row["label"]

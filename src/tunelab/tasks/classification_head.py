@@ -14,9 +14,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.packing import Row
-from tunelab.errors import DataError, Problem
 from tunelab.evaluate import Generation
-from tunelab.metrics import classification_metrics, confusion
+from tunelab.metrics import LOWER_IS_BETTER, classification_metrics, confusion
 from tunelab.tasks import Evaluation, TaskData
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.generative import Item
@@ -35,19 +34,38 @@ class Text:
 
 class ClassificationHeadTask:
     name = "classification"
-    lower_is_better = frozenset({"loss"})
+    lower_is_better = LOWER_IS_BETTER
 
     def __init__(self) -> None:
         self.reader = ClassificationTask()
+        self.reader.unseen_fate = "they are left out of the scores: the head has no output for them"
         self.labels: list[str] = []
         self.pad_id = 0
 
+    def check_data(self, spec: JobSpec) -> list[str]:
+        return self.reader.check_data(spec)
+
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train_items, val_items = self.reader.split(spec)
-        self.labels, self.pad_id = self.reader.labels, int(tokenizer.pad_token_id)
-        train, val = _texts(train_items), _texts(val_items)
-        _check_known(val, self.labels)
         warnings = self.reader.check(train_items, "train")
+        return self._encode(train_items, val_items, spec, tokenizer, warnings)
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        _, val_items = self.reader.held_out(spec)  # the training labels (read here) size the head
+        return self._encode([], val_items, spec, tokenizer, [])
+
+    def _encode(
+        self,
+        train_items: list[Item],
+        val_items: list[Item],
+        spec: JobSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        warnings: list[str],
+    ) -> TaskData:
+        self.labels, self.pad_id = self.reader.labels, int(tokenizer.pad_token_id)
+        warnings += self.reader.check_split(train_items, val_items, spec)
+        train = _texts(train_items)
+        val = [t for t in _texts(val_items) if t.label in self.labels]  # the rest were warned about just above
         rows: dict[str, list[Row]] = {}
         for split, texts in (("train", train), ("validation", val)):
             encoded = [encode(t, self.labels.index(t.label), tokenizer, spec.train.max_seq_len) for t in texts]
@@ -83,13 +101,3 @@ def encode(text: Text, label_id: int, tokenizer: PreTrainedTokenizerBase, max_le
 
 def _texts(items: list[Item]) -> list[Text]:
     return [Text(next(m.content for m in i.example.messages if m.role == "user"), i.reference) for i in items]
-
-
-def _check_known(val: list[Text], labels: list[str]) -> None:
-    """The head has one output per label: a validation label without one could be neither learned nor scored."""
-    unknown = sorted({t.label for t in val} - set(labels))
-    if unknown:
-        problem = Problem(
-            "data.validation", f"labels {unknown} are not in the label set {labels}", "add them to task.labels"
-        )
-        raise DataError([problem])

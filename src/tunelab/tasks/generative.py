@@ -20,10 +20,11 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import ChatExample, Message
 from tunelab.data.packing import pack, unpacked
-from tunelab.data.readers import read_records
+from tunelab.data.readers import mapped, read_records
 from tunelab.data.render import Tokenized, generation_prompt, tokenize
-from tunelab.errors import DataError, Problem
+from tunelab.errors import DataError, Problem, summarize
 from tunelab.evaluate import Generation, generate_batch, language_metrics
+from tunelab.metrics import LOWER_IS_BETTER
 from tunelab.models import ModelSource, load_model
 from tunelab.tasks import Evaluation, TaskData
 
@@ -44,7 +45,7 @@ def instructed(line: int, system: str, user: str, answer: str) -> ChatExample:
 
 class GenerativeTask(ABC):
     name: str = ""
-    lower_is_better: frozenset[str] = frozenset({"loss", "perplexity"})
+    lower_is_better: frozenset[str] = LOWER_IS_BETTER
     max_new_tokens: int = 48  # long enough for this scenario's answers
     required: tuple[str, ...] = ()  # fields every row must have
     sampling: ClassVar[dict[str, float]] = {}  # empty: greedy decoding (deterministic answers to score)
@@ -61,28 +62,48 @@ class GenerativeTask(ABC):
         """Warnings about a whole split (e.g. class imbalance)."""
         return []
 
+    def check_split(self, train: list[Item], val: list[Item], spec: JobSpec) -> list[str]:
+        """Warnings (or a DataError) about validation against training (e.g. labels never trained)."""
+        return []
+
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self, path: Path, spec: JobSpec) -> list[Item]:
-        """Every row parsed; every bad row reported at once, with its line."""
+        """Every row parsed; every bad row reported at once, with its line (a problem repeated on many rows once,
+        with its count and the columns the file has)."""
+        records = read_records(path)
         items: list[Item] = []
         problems: list[Problem] = []
-        for row in read_records(path):
+        for row in records:
             where = f"{path.name}:{row.line}"
-            missing = [f for f in self.required if f not in row.data]
+            data = mapped(row.data, spec.data.columns)
+            missing = [f for f in self.required if f not in data]
             if missing:
-                problems.append(
-                    Problem(where, f"missing field(s) {missing}", f"{self.name} rows need {list(self.required)}")
-                )
+                problems.append(Problem(where, f"missing field(s) {missing}", code="missing_field"))
                 continue
             try:
-                items.append(self.parse(row.data, row.line, spec))
+                items.append(self.parse(data, row.line, spec))
             except (ValueError, TypeError) as exc:
                 problems.append(Problem(where, str(exc), code="invalid_row"))
         if problems:
-            raise DataError(problems)
+            columns = sorted(records[0].data) if records else []
+            raise DataError(summarize(problems, path.name, self._columns_hint(columns, spec)))
         if not items:
             raise DataError([Problem(str(path), "no rows", "the file is empty")])
         return items
+
+    def _columns_hint(self, columns: list[str], spec: JobSpec) -> dict[str, str]:
+        """The hint for missing fields: what the rows need, what the file has, how to map one to the other."""
+        fields = [f for f in self.required if f not in columns and f not in spec.data.columns]
+        if not fields:
+            return {}
+        spare = [c for c in columns if c not in self.required and c not in spec.data.columns.values()]
+        # The mapping is guessed only when it is unambiguous (as many spare columns as missing fields).
+        pairs = list(zip(fields, spare if len(spare) == len(fields) else ["<column>"] * len(fields), strict=True))
+        mapping = ", ".join(f"{f}: {c}" for f, c in pairs)
+        return {
+            "missing_field": f"{self.name} rows need {list(self.required)}; the file has columns {columns}; "
+            f"map them with data.columns: {{{mapping}}} in the spec, or --set data.columns.{pairs[0][0]}={pairs[0][1]}"
+        }
 
     def split(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
         train = self.load(spec.data.train, spec)
@@ -105,10 +126,36 @@ class GenerativeTask(ABC):
         return language_metrics(model, rows, tokenizer.pad_token_id, spec.packing, spec.train.batch_size)
 
     # -- the Task protocol -----------------------------------------------------------------------------------
+    def check_data(self, spec: JobSpec) -> list[str]:
+        train, val = self.split(spec)
+        return self.check(train, "train") + self.check_split(train, val, spec)
+
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train, val = self.split(spec)
-        warnings = self.check(train, "train")
+        warnings = self.check(train, "train") + self.check_split(train, val, spec)
         train_tok = _tokenize_all(train, tokenizer, spec, warnings, "train")
+        return self._with_validation(train_tok, val, spec, tokenizer, warnings)
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        train, val = self.held_out(spec)
+        warnings = self.check_split(train, val, spec)
+        return self._with_validation([], val, spec, tokenizer, warnings)
+
+    def held_out(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
+        """What scoring needs: the validation items (and the training items only where the split needs them).
+        A validation file is read alone; a held-out split needs the training file it is cut from."""
+        if spec.data.validation is None:
+            return self.split(spec)
+        return [], self.load(spec.data.validation, spec)
+
+    def _with_validation(
+        self,
+        train_tok: list[Tokenized],
+        val: list[Item],
+        spec: JobSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        warnings: list[str],
+    ) -> TaskData:
         val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation")
         to_rows = (lambda t: pack(t, spec.train.max_seq_len)) if spec.packing else unpacked
         return TaskData(to_rows(train_tok), to_rows(val_tok), len(train_tok), len(val_tok), warnings, list(val))
@@ -142,19 +189,37 @@ def _tokenize_all(
     items: list[Item], tokenizer: PreTrainedTokenizerBase, spec: JobSpec, warnings: list[str], split: str
 ) -> list[Tokenized]:
     done = [tokenize(i.example, tokenizer, spec.train.max_seq_len, spec.task.train_on_prompt) for i in items]
-    truncated = sum(t.truncated for t in done)
+    truncated = [i.example.line for i, t in zip(items, done, strict=True) if t.truncated]
     if truncated:
         warnings.append(
-            f"{split}: {truncated} example(s) longer than train.max_seq_len={spec.train.max_seq_len} were truncated"
+            f"{split}: {len(truncated)} example(s) longer than train.max_seq_len={spec.train.max_seq_len} were "
+            f"truncated ({_lines(truncated)})"
         )
     kept = [t for t in done if t.n_trained > 0]
-    if len(kept) < len(done):
+    dropped = [i.example.line for i, t in zip(items, done, strict=True) if t.n_trained == 0]
+    if dropped:
         warnings.append(
-            f"{split}: {len(done) - len(kept)} example(s) had no trained token left after truncation "
-            "and were dropped; raise train.max_seq_len"
+            f"{split}: {len(dropped)} example(s) had no trained token left after truncation "
+            f"and were dropped ({_lines(dropped)}); raise train.max_seq_len"
         )
     if not kept:
         raise DataError(
-            [Problem(f"data.{split}", "no example has a trained token", "check the answers and train.max_seq_len")]
+            [
+                Problem(
+                    f"data.{split}",
+                    f"no example has a trained token ({len(dropped)} of {len(done)} lost their answer to "
+                    f"truncation at train.max_seq_len={spec.train.max_seq_len})",
+                    "raise train.max_seq_len, or check the answers",
+                )
+            ]
         )
     return kept
+
+
+def _lines(lines: list[int], shown: int = 5) -> str:
+    return (
+        "line"
+        + ("s " if len(lines) > 1 else " ")
+        + ", ".join(map(str, lines[:shown]))
+        + (", ..." if len(lines) > shown else "")
+    )

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.data.packing import Row, collate
 from tunelab.data.render import IGNORE
 from tunelab.models import Head, ModelSource, load_classifier
+from tunelab.train.progress import phase
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,17 @@ def predict(model: torch.nn.Module, rows: list[Row], pad_id: int, batch_size: in
     model.eval()
     loss_sum, count = 0.0, 0
     ids: list[list[int]] = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id, packed=False)
-        labels = batch.pop("labels")
-        labels = labels.view(len(labels), -1)  # (rows, 1) for sequence labels, (rows, tokens) for token labels
-        logits = model(**batch, use_cache=False).logits.float().view(*labels.shape, -1)
-        keep = labels != IGNORE
-        loss_sum += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
-        count += int(keep.sum())
-        ids += [row[mask].argmax(-1).tolist() for row, mask in zip(logits, keep, strict=True)]
+    with phase("scoring", len(rows)) as shown:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id, packed=False)
+            labels = batch.pop("labels")
+            labels = labels.view(len(labels), -1)  # (rows, 1) for sequence labels, (rows, tokens) for token labels
+            logits = model(**batch, use_cache=False).logits.float().view(*labels.shape, -1)
+            keep = labels != IGNORE
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            count += int(keep.sum())
+            ids += [row[mask].argmax(-1).tolist() for row, mask in zip(logits, keep, strict=True)]
+            shown.advance(len(labels))
     if count == 0:
         raise ValueError("no labelled item in the evaluation rows")
     return Predictions(loss_sum / count, ids)

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.packing import Row
 from tunelab.data.render import IGNORE
 from tunelab.evaluate import Generation
-from tunelab.metrics import entity_metrics
+from tunelab.metrics import LOWER_IS_BETTER, entity_metrics
 from tunelab.tasks import Evaluation, TaskData
 from tunelab.tasks.generative import Item
 from tunelab.tasks.heads import load_head_model, predict, start_token, truncation_warning
@@ -40,12 +40,24 @@ class Sentence:
 
 class NerHeadTask:
     name = "ner"
-    lower_is_better = frozenset({"loss"})
+    lower_is_better = LOWER_IS_BETTER
 
     def __init__(self) -> None:
         self.reader = NerTask()
         self.labels: list[str] = []
         self.pad_id = 0
+
+    def check_data(self, spec: JobSpec) -> list[str]:
+        return self.reader.check_data(spec)
+
+    def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        """Only the validation rows are encoded; the training file, if read to split it, sizes the head too."""
+        train_items, val_items = self.reader.held_out(spec)
+        self.labels = bio_labels([i.reference[1] for i in train_items + val_items])
+        self.pad_id = int(tokenizer.pad_token_id)
+        warnings: list[str] = []
+        val_rows, sentences = self._encode_split(val_items, tokenizer, spec, "validation", warnings)
+        return TaskData([], val_rows, 0, len(val_items), warnings, list(sentences))
 
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train_items, val_items = self.reader.split(spec)

@@ -1,9 +1,13 @@
-"""Training progress for people (a live bar, or plain lines when output is not a terminal) and for tools
-(a JSON-lines metrics log)."""
+"""Progress for people (a live bar, or plain lines when output is not a terminal) and for tools (a JSON-lines
+metrics log): training steps, and the long phases around training (evaluation's loss pass and generation)."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -116,3 +120,98 @@ def log_benchmarks(path: Path, before: Evaluation, after: Evaluation | None, ste
 def is_step_row(row: dict[str, Any]) -> bool:
     """Readers of metrics.jsonl that want training steps skip the evaluation rows."""
     return EVAL_KEY not in row
+# -- long phases outside the training loop (evaluation: the loss pass, generation, a head's scoring) -------------
+
+PLAIN_EVERY_S = 10.0  # without a terminal, one line this often (and at the end), so logs show the phase is alive
+
+
+class PhaseProgress:
+    """One long phase, counted in items (rows, examples): a live bar in a terminal; in a log, a plain line every
+    PLAIN_EVERY_S seconds with the count, the rate and the ETA, and one when it ends."""
+
+    def __init__(self, console: Console, label: str, total: int, unit: str) -> None:
+        self.console, self.label, self.total, self.unit = console, label, total, unit
+        self.done = 0
+        self._started = self._last_line = time.perf_counter()
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> PhaseProgress:
+        if self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn(f"[bold]{self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(self.unit),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if exc_type is None:
+            self.console.print(self.line())
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=self.done)
+        elif time.perf_counter() - self._last_line >= PLAIN_EVERY_S and self.done < self.total:
+            self._last_line = time.perf_counter()
+            self.console.print(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        return (
+            f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
+            f"elapsed {elapsed:.0f}s, ETA {eta:.0f}s"
+        )
+
+
+class _Silent:
+    """A phase nobody asked to see (no `reporting` around it): counting costs nothing."""
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, n: int) -> None:
+        return None
+
+
+# The loops that score (tunelab.evaluate, the heads' predict) sit inside each task's `evaluate`, below the Task
+# protocol. A context variable lets whoever runs an evaluation (the recipe, `tunelab eval`) ask for progress
+# without every task passing a reporter down: a new scenario's evaluation reports as soon as it uses those loops.
+_REPORTING: ContextVar[tuple[Console, str] | None] = ContextVar("tunelab_eval_progress", default=None)
+
+
+@contextmanager
+def reporting(console: Console, label: str) -> Iterator[None]:
+    """Show the progress of every evaluation phase run inside this block, prefixed with `label`."""
+    token = _REPORTING.set((console, label))
+    try:
+        yield
+    finally:
+        _REPORTING.reset(token)
+
+
+def phase(name: str, total: int, unit: str = "examples") -> PhaseProgress | _Silent:
+    """A counter for one phase (`with phase("generation", n) as p: ... p.advance(k)`), shown if asked for."""
+    asked = _REPORTING.get()
+    if asked is None or total == 0:
+        return _Silent()
+    console, label = asked
+    return PhaseProgress(console, f"{label} {name}", total, unit)

@@ -1,0 +1,238 @@
+"""A new user's own labelled data: validate any scenario's file, score a file alone, see evaluation progress in a
+log, and read reports whose verdicts follow each metric's direction (tiny models only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from tunelab import cli
+from tunelab.cli import app
+from tunelab.config import load_spec
+from tunelab.data.readers import iter_jsonl
+from tunelab.errors import DataError, Problem
+from tunelab.models import ModelSource, load_tokenizer
+from tunelab.tasks import get_task
+from tunelab.train import progress
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+# One wrong row per scenario, and the words its error must contain.
+BAD_ROWS = {
+    "classification": ({"text": "fine", "label": ""}, "non-empty string"),
+    "ner": ({"tokens": ["New", "York"], "tags": ["O", "I-location"]}, "needs its B-"),
+    "qa": (
+        {"context": "Paris is in France.", "question": "Where?", "answers": {"text": ["France"], "answer_start": [3]}},
+        "it is at 12",
+    ),
+    "translation": ({"source": "Hello", "target": ""}, "non-empty strings"),
+    "creative": ({"prompt": "X:1\n", "completion": ""}, "completion not empty"),
+}
+
+
+def _slice(scenario: str, dst: Path, n: int = 12, split: str = "validation") -> Path:
+    lines = (ROOT / "data" / scenario / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+def _jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# -- tunelab data validate --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", list(BAD_ROWS))
+def test_data_validate_checks_each_scenarios_rows_with_its_own_parser(scenario: str, tmp_path: Path) -> None:
+    path = _slice(scenario, tmp_path / "data.jsonl")
+    ok = runner.invoke(app, ["data", "validate", str(path), "--scenario", scenario])
+    assert ok.exit_code == 0, ok.output
+    assert f"{scenario} data: OK" in ok.output and "missing_messages" not in ok.output
+
+    row, words = BAD_ROWS[scenario]
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")  # line 13
+    bad = runner.invoke(app, ["data", "validate", str(path), "--scenario", scenario])
+    assert bad.exit_code == 1, bad.output
+    flat = " ".join(bad.output.split())
+    assert "data.jsonl:13: [invalid_row]" in flat and words in flat and "NOT OK" in flat
+
+
+def test_data_validate_with_a_spec_checks_the_files_it_names() -> None:
+    for args in (["examples/classification.yaml"], ["--spec", "examples/ner.yaml"]):
+        result = runner.invoke(app, ["data", "validate", *[str(ROOT / a) if a.endswith("yaml") else a for a in args]])
+        assert result.exit_code == 0, result.output
+        assert "invalid_json" not in result.output and "train.jsonl" in result.output and "OK" in result.output
+
+
+def test_a_repeated_column_error_is_reported_once_with_the_columns_and_the_mapping(tmp_path: Path) -> None:
+    sms = tmp_path / "sms.csv"
+    with sms.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sms", "label"])
+        writer.writerows([f"message {i}", "spam" if i % 3 == 0 else "ham"] for i in range(40))
+    result = runner.invoke(app, ["data", "validate", str(sms), "--scenario", "classification"])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, result.output  # not 40 identical lines
+    assert "on 40 rows (lines 2, 3, 4, ...)" in errors[0]
+    assert "the file has columns ['label', 'sms']" in errors[0] and "data.columns: {text: sms}" in errors[0]
+
+    mapped = runner.invoke(
+        app, ["data", "validate", str(sms), "-s", "classification", "--set", "data.columns.text=sms"]
+    )
+    assert mapped.exit_code == 0, mapped.output
+    # A spec's mapping is applied where training reads the rows, so validation and training agree.
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"task: {{scenario: classification}}\ndata: {{train: {sms}, columns: {{text: sms}}}}\n")
+    assert runner.invoke(app, ["data", "validate", "--spec", str(spec)]).exit_code == 0
+    task = get_task("classification")
+    train, _ = task.split(load_spec(spec))  # type: ignore[attr-defined]
+    assert train[0].example.messages[1].content.startswith("message")
+
+
+def test_a_cut_off_json_line_names_the_cause(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "fine", "label": "ok"}\n{"text": "the line was cut in the mid\n', encoding="utf-8")
+    problems = [p for p in iter_jsonl(path) if isinstance(p, Problem)]
+    assert len(problems) == 1
+    assert problems[0].where == "cut.jsonl:2" and problems[0].code == "invalid_json"
+    assert "unterminated string (the line may be cut off)" in problems[0].message
+    assert "at at" not in str(problems[0])
+
+
+def test_data_validate_with_a_model_warns_about_lengths_as_training_does(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    short: dict[str, object] = {
+        "context": "Paris is in France.",
+        "question": "Where?",
+        "answers": {"text": ["France"], "answer_start": [12]},
+    }
+    long: dict[str, object] = {
+        **short,
+        "context": "Paris " * 200 + "is in France.",
+        "answers": {"text": ["France"], "answer_start": [1206]},
+    }
+    path = _jsonl(tmp_path / "qa.jsonl", [short, short, long, short])
+    args = ["data", "validate", str(path), "-s", "qa", "--model", str(tiny_llama_dir), "--max-seq-len", "160"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output  # warnings, as in training: the file is usable
+    flat = " ".join(result.output.split())
+    assert "qa.jsonl: 1 example(s) longer than train.max_seq_len=160 were truncated (line 3)" in flat
+    assert "qa.jsonl: 1 example(s) had no trained token left after truncation and were dropped (line 3)" in flat
+    assert "3 training examples: OK" in flat
+    assert "lengths not checked" in runner.invoke(app, args[:5]).output
+
+
+# -- unseen labels: one rule for both classification approaches -------------------------------------------------
+
+
+@pytest.mark.parametrize("approach", ["generative", "head"])
+def test_unseen_validation_labels_are_warned_or_refused_in_both_approaches(
+    approach: str, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(8)])
+    val = _jsonl(tmp_path / "val.jsonl", [{"text": f"v{i}", "label": "abcc"[i % 4]} for i in range(8)])
+    base: dict[str, Any] = {
+        "model": {"name": str(tiny_llama_dir)},
+        "task": {"scenario": "classification", "approach": approach},
+    }
+    base["data"] = {"train": str(train), "validation": str(val)}
+    tokenizer = load_tokenizer(ModelSource(str(tiny_llama_dir)))
+    data = get_task("classification", approach).prepare(load_spec(None, base=base), tokenizer)
+    warning = next(w for w in data.warnings if "not among the training labels" in w)
+    assert warning.startswith("validation: 4 of 8 row(s) have label(s) ['c']") and "(lines 3, 4, 7, 8)" in warning
+    # The generative model is scored on every row (the unseen ones count as wrong); a head has no output for them.
+    assert data.n_val_examples == (8 if approach == "generative" else 4)
+    with pytest.raises(DataError, match=r"\[unseen_label\].*\['c'\]"):
+        spec = load_spec(None, ["data.unseen_labels=error"], base=base)
+        get_task("classification", approach).prepare(spec, tokenizer)
+
+
+# -- tunelab eval --data, and progress in a log ----------------------------------------------------------------
+
+
+def test_eval_scores_a_file_alone_with_trainings_warnings_and_progress_lines(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line per batch, as a long run gives one every 10 s
+    path = _slice("classification", tmp_path / "test.jsonl", n=12, split="test")
+    args = ["eval", "--data", str(path), "-s", "classification", "-m", str(tiny_llama_dir), "--out", str(tmp_path)]
+    overrides = ["--set", "eval.generations=10", "--set", "train.batch_size=4", "--set", "train.max_seq_len=100"]
+    result = runner.invoke(app, [*args, *overrides])  # CliRunner's output is not a terminal: plain lines
+    assert result.exit_code == 0, result.output
+    assert "warning: validation:" in result.output and "were truncated" in result.output  # as `train` prints
+    assert "5 example(s) had no trained token left after truncation and were dropped" in result.output
+    assert "data: 7 examples to score" in result.output
+    loss_lines = [line for line in result.output.splitlines() if line.startswith("eval base loss:")]
+    assert len(loss_lines) >= 2 and "rows/s" in loss_lines[0] and "ETA" in loss_lines[0]
+    assert any(line.startswith("eval base generation: 8/10 examples") for line in result.output.splitlines())
+    assert "accuracy" in result.output and (tmp_path / "report.html").is_file()
+
+
+def test_train_evaluation_shows_progress_in_a_log(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from io import StringIO
+
+    from tunelab import recipe
+    from tunelab.models import load_model
+
+    val = _slice("domain", tmp_path / "val.jsonl", n=6)
+    base: dict[str, Any] = {"model": {"name": str(tiny_llama_dir)}, "task": {"scenario": "domain"}}
+    base |= {"data": {"train": str(val), "validation": str(val)}, "eval": {"samples": 2, "max_new_tokens": 4}}
+    spec = load_spec(None, ["train.max_seq_len=64"], base=base)
+    tokenizer = load_tokenizer(ModelSource(str(tiny_llama_dir)))
+    task = get_task("domain")
+    data = task.prepare(spec, tokenizer)
+    log = StringIO()
+    model = load_model(ModelSource(str(tiny_llama_dir)))
+    recipe._evaluate(task, model, tokenizer, data, spec, Console(file=log, width=200), "before")
+    lines = log.getvalue().splitlines()
+    assert any(line.startswith("eval before loss: ") and "rows/s" in line for line in lines), lines
+    assert any(line.startswith("eval before generation: 2/2 examples") for line in lines), lines
+
+
+# -- metric direction and tables --------------------------------------------------------------------------------
+
+
+def test_unknown_rate_going_down_is_better_in_report_table_and_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tunelab.report import Sample, write_report
+    from tunelab.service.worker import _scored
+
+    before, after = {"loss": 2.0, "unknown_rate": 0.995}, {"loss": 1.0, "unknown_rate": 0.0}
+    paths = write_report(
+        tmp_path, title="t", before=before, after=after, history=[], samples=[Sample("p", "r", "b", "a")], info={}
+    )
+    html = paths.html.read_text(encoding="utf-8")
+    row = html[html.index('data-metric="unknown_rate"') :].split("</tr>")[0]
+    assert "better" in row and "worse" not in row
+    cli._print_scores("before / after", ("before", "after"), before, after)
+    table = capsys.readouterr().out
+    assert "unknown_rate" in table and "-100.0% better" in table
+    assert _scored("unknown_rate", 0.0, 0.995) == "unknown_rate 0.0000 (better)"
+
+
+def test_no_empty_table_when_evaluation_was_off(capsys: pytest.CaptureFixture[str]) -> None:
+    cli._print_scores("before / after", ("before", "after"), {}, {})
+    printed = capsys.readouterr().out
+    assert "evaluation was off" in printed and "metric" not in printed
+
+
+def test_a_new_head_is_one_tunelab_line_not_a_missing_weights_table(
+    tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tunelab.models import load_classifier
+
+    load_classifier(ModelSource(str(tiny_llama_dir)), "sequence", ["a", "b"], 0)
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("transformers")]
+    assert any("a new sequence classification head with 2 labels was initialised" in m for m in logged), logged
+    assert not any("MISSING" in m or "LOAD REPORT" in m for m in logged), logged
