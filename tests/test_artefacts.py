@@ -190,6 +190,17 @@ def test_gguf_reads_back_with_transformers(hub_run: tuple[Path, Path, str], tmp_
     modelfile = (target.parent / "Modelfile").read_text()
     assert f"FROM ./{target.name}" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "SYSTEM" not in modelfile  # the tiny template has no default system message
+
+
+def test_modelfile_keeps_the_templates_default_system_message() -> None:
+    from tunelab.export.gguf import _default_system
+
+    smollm2 = (
+        "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are SmolLM<|im_end|>"
+        "\\n' }}{% endif %}"
+    )
+    assert _default_system(smollm2) == "You are SmolLM"
 
 
 def test_gguf_refuses_what_it_cannot_write(hub_run: tuple[Path, Path, str], tiny_phi3_dir: Path) -> None:

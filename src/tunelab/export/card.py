@@ -104,7 +104,7 @@ def _card_data(
         library_name="peft" if kind == "adapter" else "transformers",
         license="apache-2.0" if ref.name == EMBEDDED_HUB_ID else None,
         pipeline_tag=PIPELINE_TAGS[task_type],
-        tags=[t for t in ("tunelab", method, scenario, "peft" if kind == "adapter" else "merged") if t],
+        tags=[t for t in ("tunelab", method, scenario, *_kind_tags(kind, ref)) if t],
         datasets=[d for d in (_data_name(spec["data"]["train"]), validation) if d] if spec else None,
         model_name=name if results else None,
         eval_results=results or None,
@@ -131,6 +131,11 @@ def _body(
     if spec:
         lines += ["", "## Training spec", "", "```yaml", yaml.safe_dump(spec, sort_keys=False).strip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _kind_tags(kind: Kind, ref: BaseReference) -> tuple[str, ...]:
+    # The hub links an adapter to its base through this tag (PEFT's own card writes it too).
+    return ("peft", f"base_model:adapter:{ref.name}") if kind == "adapter" else ("merged",)
 
 
 def _usage(kind: Kind, task_type: str, ref: BaseReference) -> list[str]:

@@ -8,6 +8,7 @@ Built on the `gguf` package (llama.cpp's own Python library): its tensor name ma
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,11 +224,19 @@ def write_modelfile(gguf_path: Path, tokenizer: PreTrainedTokenizerBase, system:
     else:
         # Ollama reads the GGUF's own chat template when the Modelfile gives none.
         lines.append("# no TEMPLATE: Ollama uses the chat template stored in the GGUF file")
+    system = system or _default_system(str(tokenizer.chat_template or ""))
     if system:
         lines += ["", f'SYSTEM """{system}"""']
     path = gguf_path.parent / "Modelfile"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _default_system(chat_template: str) -> str | None:
+    """The system message a chat template writes when the conversation has none (SmolLM2's: "You are a helpful AI
+    assistant named SmolLM, ..."): training and tunelab's generation saw it, so Ollama must send it too."""
+    found = re.search(r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>", chat_template)
+    return found.group(1) if found else None
 
 
 # ChatML in Ollama's Go-template syntax: every message as <|im_start|>role\ncontent<|im_end|>\n, then the
