@@ -45,8 +45,11 @@ class GgufExport:
     tensors: int
 
 
-def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", system: str | None = None) -> GgufExport:
-    """Write `out` (a .gguf file) from a merged Hugging Face model folder, and a `Modelfile` beside it."""
+def export_gguf(
+    model_dir: Path, out: Path, quant: str = "q8_0", system: str | None = None, name: str | None = None
+) -> GgufExport:
+    """Write `out` (a .gguf file) from a merged Hugging Face model folder, and a `Modelfile` beside it.
+    `name` is the model's name in the file (default: the folder's); `system` the Modelfile's system message."""
     qtype, file_type = _quant_type(quant)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = model.config
@@ -55,7 +58,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", system: str | N
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _write_hparams(writer, config, file_type, model_dir.name)
+        _write_hparams(writer, config, file_type, name or model_dir.name)
         _write_vocab(writer, tokenizer, model_dir, config.vocab_size)
         n = 0
         for name, data in _tensors(model.state_dict(), config, arch, qtype):

@@ -28,7 +28,8 @@ def export_gguf_cmd(
     from tunelab.export.gguf import export_gguf
 
     folder, target, system = _source(run, model, quant, out_file)
-    result = export_gguf(folder, target, quant, system=system)
+    name = (run.resolve() if run else folder.resolve()).name
+    result = export_gguf(folder, target, quant, system=system, name=name)
     size = result.path.stat().st_size / 2**20
     out.print(f"GGUF ({quant}): {result.path}  ({size:.1f} MiB, {result.tensors} tensors)")
     out.print(f"Modelfile: {result.modelfile}")
@@ -54,5 +55,4 @@ def _source(run: Path | None, model: Path | None, quant: str, out_file: Path | N
 
     spec, _ = run_record(run)
     system = (spec or {}).get("task", {}).get("instruction")
-    name = run.resolve().name
-    return merged, out_file or run / "gguf" / f"{name}-{quant}.gguf", system
+    return merged, out_file or run / "gguf" / f"{run.resolve().name}-{quant}.gguf", system
