@@ -17,7 +17,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from tunelab.errors import TunelabError
 
@@ -51,26 +57,26 @@ def export_gguf(
     """Write `out` (a .gguf file) from a merged Hugging Face model folder, and a `Modelfile` beside it.
     `name` is the model's name in the file (default: the folder's); `system` the Modelfile's system message."""
     qtype, file_type = _quant_type(quant)
+    arch = _architecture(AutoConfig.from_pretrained(model_dir))  # refuse before loading any weights
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = model.config
-    arch = _architecture(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+    # Written beside the target and renamed at the end: an interrupted export never leaves a truncated .gguf.
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _write_hparams(writer, config, file_type, name or model_dir.name)
-        _write_vocab(writer, tokenizer, model_dir, config.vocab_size)
-        n = 0
-        for name, data in _tensors(model.state_dict(), config, arch, qtype):
-            writer.add_tensor(name, data.array, raw_dtype=data.qtype)
-            n += 1
+        _write_hparams(writer, model.config, file_type, name or model_dir.name)
+        _write_vocab(writer, tokenizer, model_dir, model.config.vocab_size)
+        tensors = list(_tensors(model.state_dict(), model.config, arch, qtype))
+        for tensor_name, data in tensors:
+            writer.add_tensor(tensor_name, data.array, raw_dtype=data.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    modelfile = write_modelfile(out, tokenizer, system)
-    return GgufExport(out, modelfile, quant, n)
+    partial.replace(out)
+    return GgufExport(out, write_modelfile(out, tokenizer, system), quant, len(tensors))
 
 
 def _quant_type(quant: str) -> tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]:
