@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunelab.errors import ConfigError, Problem, TunelabError
+from tunelab.export.gguf_cli import export_gguf_cmd
 from tunelab.export.onnx_cli import export_onnx_cmd
 from tunelab.serve.cli import serve_cmd
 from tunelab.service.cli import app as service_app
@@ -32,7 +33,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Check and preview training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(service_app, name="service")
-export_app = typer.Typer(help="Export a fine-tuned model: merged Hugging Face model, or ONNX (export onnx).")
+export_app = typer.Typer(
+    help="Export a fine-tuned model: merged Hugging Face model, ONNX (export onnx) or GGUF (export gguf)."
+)
 app.add_typer(export_app, name="export")
 console = Console(stderr=True, soft_wrap=True)  # log lines stay whole when piped (tables still fit the width)
 # soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
@@ -42,6 +45,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded', a model folder, a .gguf file or a hub id.")]
 AdapterOpt = Annotated[Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder to apply.")]
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show the libraries' progress bars and warnings.")
+    ] = False,
+) -> None:
+    """Fine-tune small language models for real tasks."""
+    from tunelab.logs import configure
+
+    configure(verbose)
 
 
 def friendly_errors(fn: F) -> F:
@@ -255,16 +270,20 @@ def export_cmd(
     """Merge an adapter into its base model and save it in Hugging Face format."""
     if ctx.invoked_subcommand is not None:
         return
+    from tunelab.export.card import run_record, write_card
     from tunelab.export.merge import save_merged
     from tunelab.inference import load_for_inference, run_base_and_adapter
+    from tunelab.models import base_reference
 
     base_name, adapter_dir = run_base_and_adapter(run, model, adapter)
     target = out_dir or (run / "merged" if run else Path("merged"))
     loaded, tokenizer = load_for_inference(base_name, adapter_dir)
     out.print(f"merged model: {save_merged(loaded, tokenizer, target)}")
+    out.print(f"model card:   {write_card(target, base_reference(base_name), *run_record(run))}")
 
 
 export_app.command("onnx")(friendly_errors(export_onnx_cmd))
+export_app.command("gguf")(friendly_errors(export_gguf_cmd))
 app.command("serve")(friendly_errors(serve_cmd))
 
 

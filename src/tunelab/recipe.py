@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
+from tunelab.export.card import finish_run_artefacts
 from tunelab.export.merge import save_adapter, save_merged
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
@@ -138,6 +139,7 @@ def run_job(
         spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1, default=str), encoding="utf-8")
+    finish_run_artefacts(out)  # portable base name in the adapter; model cards in adapter/ and merged/
     return summary
 
 
