@@ -39,7 +39,7 @@ class LoadedModelLM(HFLM):
         on_progress: ProgressFn | None = None,
         shared_cache: bool = True,
     ) -> None:
-        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # type: ignore[arg-type]
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.on_progress = on_progress
         # Prompt-learning adapters (prompt/prefix tuning) put their own tokens or cache in front of the input.
         self.shared_cache = shared_cache and not _is_prompt_learning(model)
@@ -60,7 +60,7 @@ class LoadedModelLM(HFLM):
                 self.on_progress(len(done), total)
         return results
 
-    def _loglikelihood_tokens(  # type: ignore[override]
+    def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
         fits = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) <= self.max_length]
