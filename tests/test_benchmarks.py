@@ -252,3 +252,34 @@ def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama
     scenario = [name for name in summary["before"] if "/" not in name]
     with Image.open(run / "report.png") as png:
         assert png.size[0] == round(DPI * PANEL_WIDTH_IN * (len(scenario) + 2))
+
+
+@pytest.mark.parametrize("kind", ["qlora", "prompt_tuning"])
+def test_quantised_and_prompt_tuned_models_score_like_lm_evals_own_scorer(
+    kind: str, questions: Path, tiny_llama_dir: Path, tiny: tuple
+) -> None:
+    """A 4-bit base + LoRA (its key/value caches copied per batch) gives lm-eval's own numbers; a prompt-tuned model
+    (virtual tokens before the input: scored by lm-eval's own code, which skips their logits) is scored as tuned."""
+    from peft import PromptTuningConfig
+
+    from tunelab.config import MethodSpec
+    from tunelab.methods.qlora import quantization_config
+    from tunelab.models import load_model, resolve
+
+    torch.manual_seed(0)
+    if kind == "qlora":
+        base = load_model(resolve(str(tiny_llama_dir)), quantization_config(MethodSpec(name="qlora")))
+        config: LoraConfig | PromptTuningConfig = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = get_peft_model(base, config).eval()
+    _, tokenizer = tiny
+    fast = _score(model, tokenizer, limit=3).metrics
+    plain = _score(model, tokenizer, limit=3, shared_cache=False).metrics
+    for name, value in plain.items():
+        assert fast[name] == pytest.approx(value, abs=1e-5), name
+    if kind == "prompt_tuning":  # the virtual tokens change the scores: the prompt-tuned model is what was scored
+        assert plain["truthfulqa_mc2/acc"] != pytest.approx(
+            _score(tiny[0], tokenizer, limit=3).metrics["truthfulqa_mc2/acc"]
+        )

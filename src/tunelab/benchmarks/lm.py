@@ -121,14 +121,6 @@ class LoadedModelLM(HFLM):
         with torch.no_grad():
             return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
 
-    def _model_call(
-        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if attn_mask is not None or labels is not None:
-            return super()._model_call(inps, attn_mask, labels)
-        # Prompt tuning returns logits for its virtual tokens too; the input's own are the last ones.
-        return super()._model_call(inps)[:, -inps.shape[1] :]
-
 
 def _is_prompt_learning(model: torch.nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
