@@ -4,7 +4,7 @@ questions scored, and a log-likelihood scorer that shares key/value caches betwe
 Why a scorer of our own: lm-eval's HFLM runs every (context, answer) request as one full sequence and takes a
 log-softmax over the whole vocabulary at every position. TruthfulQA's requests are a 168-token few-shot prompt
 (SmolLM2's tokenizer), a ~20-token question and a ~10-token answer, with about 7 answers per question: scoring the
-prompt once per call and taking the log-softmax only at the answers' own positions does about 1/6 of the work,
+prompt once per 32 questions and taking the log-softmax only at the answers' own positions does about 1/6 of the work,
 with the same numbers (up to float rounding; tests compare both against a plain forward pass). Everything else —
 tasks, prompts, tokenisation of each request, metrics and aggregation — stays lm-eval's.
 """
@@ -68,7 +68,8 @@ class LoadedModelLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
         results: dict[int, tuple[float, bool]] = {}
         # Requests lm-eval would truncate on the left go through its own scorer, which knows how.
-        too_long = [i for i in range(len(requests)) if i not in set(fits)]
+        fitting = set(fits)
+        too_long = [i for i in range(len(requests)) if i not in fitting]
         if too_long:
             scored = super()._loglikelihood_tokens([requests[i] for i in too_long], disable_tqdm=True)
             results.update(zip(too_long, scored, strict=True))
