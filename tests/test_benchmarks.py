@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ SHOTS = [
     ("How does a telescope work?", "Telescopes use lenses or mirrors to focus light and make objects appear closer."),
     ("Where were the 1992 Olympics held?", "The 1992 Olympics were held in Barcelona, Spain."),
 ]
-QUESTIONS = [
+QUESTIONS: list[dict[str, Any]] = [
     {
         "question": "What color is the sky on a clear day?",
         "best_answer": "Blue",
@@ -128,9 +129,10 @@ def _score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, **kwargs:
 
 
 def test_tasks_use_lm_evals_own_prompt() -> None:
+    import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    builtin = Path(__import__("lm_eval").__file__).parent / "tasks" / "truthfulqa" / "truthfulqa_mc1.yaml"
+    builtin = Path(lm_eval.tasks.__path__[0]) / "truthfulqa" / "truthfulqa_mc1.yaml"
     ours = load_yaml(TASKS_DIR / "truthfulqa_mc1.yaml", resolve_func=False)
     assert ours["doc_to_text"] == load_yaml(builtin, resolve_func=False)["doc_to_text"]
 
@@ -215,7 +217,9 @@ def test_cli_errors_name_what_to_fix(args: list[str], message: str, tiny_llama_d
 def test_unknown_benchmark_suggests_names(tiny_llama_dir: Path) -> None:
     result = runner.invoke(app, ["eval", "-b", "truthfulqa_mc3", "--model", str(tiny_llama_dir)])
     assert result.exit_code == 2
-    assert "unknown benchmark 'truthfulqa_mc3' (did you mean 'truthfulqa_mc1'" in result.output
+    assert "unknown benchmark 'truthfulqa_mc3' (did you mean" in result.output
+    assert "'truthfulqa_mc1'" in result.output and "--include-path" in result.output
+    assert "overrides existing task" not in result.output  # lm-eval's indexing chatter stays hidden
 
 
 def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -248,3 +252,34 @@ def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama
     scenario = [name for name in summary["before"] if "/" not in name]
     with Image.open(run / "report.png") as png:
         assert png.size[0] == round(DPI * PANEL_WIDTH_IN * (len(scenario) + 2))
+
+
+@pytest.mark.parametrize("kind", ["qlora", "prompt_tuning"])
+def test_quantised_and_prompt_tuned_models_score_like_lm_evals_own_scorer(
+    kind: str, questions: Path, tiny_llama_dir: Path, tiny: tuple
+) -> None:
+    """A 4-bit base + LoRA (its key/value caches copied per batch) gives lm-eval's own numbers; a prompt-tuned model
+    (virtual tokens before the input: scored by lm-eval's own code, which skips their logits) is scored as tuned."""
+    from peft import PromptTuningConfig
+
+    from tunelab.config import MethodSpec
+    from tunelab.methods.qlora import quantization_config
+    from tunelab.models import load_model, resolve
+
+    torch.manual_seed(0)
+    if kind == "qlora":
+        base = load_model(resolve(str(tiny_llama_dir)), quantization_config(MethodSpec(name="qlora")))
+        config: LoraConfig | PromptTuningConfig = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = get_peft_model(base, config).eval()
+    _, tokenizer = tiny
+    fast = _score(model, tokenizer, limit=3).metrics
+    plain = _score(model, tokenizer, limit=3, shared_cache=False).metrics
+    for name, value in plain.items():
+        assert fast[name] == pytest.approx(value, abs=1e-5), name
+    if kind == "prompt_tuning":  # the virtual tokens change the scores: the prompt-tuned model is what was scored
+        assert plain["truthfulqa_mc2/acc"] != pytest.approx(
+            _score(tiny[0], tokenizer, limit=3).metrics["truthfulqa_mc2/acc"]
+        )

@@ -55,8 +55,10 @@ def resolve_tasks(names: Sequence[str], include_paths: Sequence[Path] = ()) -> t
 
 @functools.lru_cache(maxsize=4)
 def _task_manager(folders: tuple[str, ...], with_builtin: bool) -> TaskManager:
-    """Indexed once per process: a run scores before and after training with the same tasks."""
-    return TaskManager(include_defaults=with_builtin, include_path=list(folders))
+    """Indexed once per process: a run scores before and after training with the same tasks. Quiet: lm-eval warns
+    that tunelab's truthfulqa_mc1/mc2 override its own, which is the point."""
+    with _quiet_lm_eval():
+        return TaskManager(include_defaults=with_builtin, include_path=list(folders))
 
 
 def _checked_folder(path: Path) -> Path:

@@ -4,7 +4,7 @@ questions scored, and a log-likelihood scorer that shares key/value caches betwe
 Why a scorer of our own: lm-eval's HFLM runs every (context, answer) request as one full sequence and takes a
 log-softmax over the whole vocabulary at every position. TruthfulQA's requests are a 168-token few-shot prompt
 (SmolLM2's tokenizer), a ~20-token question and a ~10-token answer, with about 7 answers per question: scoring the
-prompt once per call and taking the log-softmax only at the answers' own positions does about 1/6 of the work,
+prompt once per 32 questions and taking the log-softmax only at the answers' own positions does about 1/6 of the work,
 with the same numbers (up to float rounding; tests compare both against a plain forward pass). Everything else —
 tasks, prompts, tokenisation of each request, metrics and aggregation — stays lm-eval's.
 """
@@ -39,7 +39,7 @@ class LoadedModelLM(HFLM):
         on_progress: ProgressFn | None = None,
         shared_cache: bool = True,
     ) -> None:
-        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # type: ignore[arg-type]
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.on_progress = on_progress
         # Prompt-learning adapters (prompt/prefix tuning) put their own tokens or cache in front of the input.
         self.shared_cache = shared_cache and not _is_prompt_learning(model)
@@ -60,7 +60,7 @@ class LoadedModelLM(HFLM):
                 self.on_progress(len(done), total)
         return results
 
-    def _loglikelihood_tokens(  # type: ignore[override]
+    def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
         fits = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) <= self.max_length]
@@ -68,7 +68,8 @@ class LoadedModelLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
         results: dict[int, tuple[float, bool]] = {}
         # Requests lm-eval would truncate on the left go through its own scorer, which knows how.
-        too_long = [i for i in range(len(requests)) if i not in set(fits)]
+        fitting = set(fits)
+        too_long = [i for i in range(len(requests)) if i not in fitting]
         if too_long:
             scored = super()._loglikelihood_tokens([requests[i] for i in too_long], disable_tqdm=True)
             results.update(zip(too_long, scored, strict=True))
@@ -120,14 +121,6 @@ class LoadedModelLM(HFLM):
         model: Any = self.model
         with torch.no_grad():
             return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-
-    def _model_call(
-        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if attn_mask is not None or labels is not None:
-            return super()._model_call(inps, attn_mask, labels)
-        # Prompt tuning returns logits for its virtual tokens too; the input's own are the last ones.
-        return super()._model_call(inps)[:, -inps.shape[1] :]
 
 
 def _is_prompt_learning(model: torch.nn.Module) -> bool:
