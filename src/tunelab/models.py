@@ -201,8 +201,10 @@ def load_classifier(source: ModelSource, head: Head, labels: list[str], pad_id: 
     """The model with a classification head of `len(labels)` classes: one label per sequence or one per token.
     A base model's head is new (initialised from the seed); a saved classifier's is read back. The label names go
     into the config, and the pad id too: a sequence head reads each row at its last non-pad token."""
-    held = _HeldLoadReport()
     logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldLoadReport(logger.getEffectiveLevel())
+    previous = logger.level
+    logger.setLevel(logging.WARNING)  # the report must reach the filter even when transformers is quiet
     logger.addFilter(held)
     try:
         model = _load(
@@ -215,31 +217,35 @@ def load_classifier(source: ModelSource, head: Head, labels: list[str], pad_id: 
         )
     finally:
         logger.removeFilter(held)
+        logger.setLevel(previous)
     for record in held.records:
-        if _only_new_head(record.getMessage()):
-            # A base model has no head yet: transformers' table (score.weight MISSING, lm_head.weight UNEXPECTED)
-            # is what a new head looks like, and it alarms; one plain line says what happened instead.
-            record.msg = (
-                f"tunelab: a new {head} classification head with {len(labels)} labels was initialised on the base "
-                "model (it is trained with the method)"
-            )
-            record.args = ()
-        logger.handle(record)
+        if not _only_new_head(record.getMessage()):
+            if record.levelno >= held.shown_from:
+                logger.handle(record)  # a mismatch or other missing weights: transformers' own report, as it is
+            continue
+        # A base model has no head yet: transformers' table (score.weight MISSING, lm_head.weight UNEXPECTED) is
+        # what a new head looks like, and it alarms; one plain line of tunelab's says what happened instead. It is
+        # tunelab's own logger, so the quiet mode that silences transformers' reports lets it through.
+        logging.getLogger("tunelab.models").warning(
+            f"tunelab: a new {head} classification head with {len(labels)} labels was initialised on the base "
+            "model (it is trained with the method)"
+        )
     return model
 
 
 class _HeldLoadReport(logging.Filter):
     """Holds back transformers' load report while a classifier loads, to be judged once loading is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, shown_from: int) -> None:
         super().__init__()
+        self.shown_from = shown_from  # the level transformers' logger had: other records still obey it
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "LOAD REPORT" in record.getMessage():
             self.records.append(record)
             return False
-        return True
+        return record.levelno >= self.shown_from
 
 
 def _only_new_head(report: str) -> bool:
