@@ -531,9 +531,10 @@ def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> No
         out.print(f"[red]error[/]   {escape(str(problem))}")
     for warning in _file_warnings(checked.warnings, file):
         out.print(f"[yellow]warning[/] {escape(warning)}")
-    files = [f for f in dict.fromkeys([job.data.train, job.data.validation]) if f is not None]
+    files = {s.path: "train" for s in job.data.sources}  # each file with the DatasetDict split it is read from
+    files |= {job.data.validation: "validation"} if job.data.validation else {}
     # Every row was read without error when the check passed: counting them again is cheap and reassuring.
-    shown = [f"{f} ({len(read_records(f))} rows)" if checked.ok else str(f) for f in files]
+    shown = [f"{f} ({len(read_records(f, split))} rows)" if checked.ok else str(f) for f, split in files.items()]
     counted = f", {checked.n_examples} training examples" if checked.n_examples is not None else ""
     out.print(f"{', '.join(shown)}: {job.task.scenario} data{counted}: {'OK' if checked.ok else 'NOT OK'}")
     if model is None:
