@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.errors import ConfigError, Problem
 
@@ -88,8 +98,16 @@ class DataSource(_Spec):
     weight: float = Field(1.0, gt=0, description="Its share of the mixture, relative to the other sources.")
 
 
+# A lone path or a list of sources: chosen by the value's shape, so a mistake in a list entry is reported alone
+# (`data.train.list.1.weight`) instead of beside a second, irrelevant error that the list is not a path.
+TrainData = Annotated[
+    Annotated[Path, Tag("path")] | Annotated[list[DataSource], Tag("list")],
+    Discriminator(lambda value: "list" if isinstance(value, list) else "path"),
+]
+
+
 class DataSpec(_Spec):
-    train: Path | list[DataSource] = Field(
+    train: TrainData = Field(
         ...,
         description="Training data: JSONL, CSV or Parquet file, Parquet shards (folder or glob), a `save_to_disk` "
         "folder; or several, mixed by weight: [{path: a.jsonl, weight: 2}, {path: b.jsonl, weight: 1}].",
