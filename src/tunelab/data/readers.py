@@ -117,16 +117,18 @@ def read_records(path: Path, split: str = "train") -> list[Row]:
 
 
 def iter_rows(path: Path, split: str = "train") -> Iterator[Row | Problem]:
-    """Every row of a data file, or a Problem for each JSONL line that is not JSON (the rest are still read)."""
-    if not is_dataset(path) and path.suffix.lower() in (".jsonl", ".json"):
-        yield from iter_jsonl(path)
-    else:
+    """Every row of a data file, or a Problem for each JSONL line that is not JSON (the rest are still read).
+    Any file that is not CSV or Parquet is read as JSONL, whatever its name (the job service stores uploads
+    without an extension)."""
+    if is_dataset(path) or path.suffix.lower() in (".csv", ".parquet"):
         yield from read_records(path, split)
+    else:
+        yield from iter_jsonl(path)
 
 
 def is_dataset(path: Path) -> bool:
     """A Hugging Face dataset on disk: a folder (`save_to_disk`, or Parquet shards) or a glob of Parquet files."""
-    return path.is_dir() or any(c in str(path) for c in "*?[")
+    return path.is_dir() or (not path.is_file() and any(c in str(path) for c in "*?["))
 
 
 def _read_csv(path: Path) -> list[Row]:

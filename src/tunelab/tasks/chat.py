@@ -28,7 +28,7 @@ class ChatTask(GenerativeTask):
         """One row already checked by tunelab.data.validate (load() checks whole files first)."""
         fmt = detect_format(row)
         if fmt is None:
-            raise ValueError("no `messages` list (nor `prompt` and `completion`)")
+            raise ValueError("not a chat row: give `messages`, `prompt`/`completion`, Alpaca or ShareGPT keys")
         return Item(to_example(row, line, fmt), None)
 
     def score(self, outputs: list[str], items: list[Item], spec: JobSpec) -> tuple[dict[str, float], dict[str, Any]]:
