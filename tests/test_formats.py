@@ -102,12 +102,15 @@ def texts(n: int, split: str) -> list[dict[str, Any]]:
     return [{"text": f"{split} text {i}", "label": "pos" if i % 2 else "neg"} for i in range(n)]
 
 
-def test_save_to_disk_dataset_dict_gives_train_and_validation_splits(tmp_path: Path) -> None:
+def save_dict(folder: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
     import datasets
 
-    folder = tmp_path / "sentiment"
-    splits = {"train": texts(6, "train"), "validation": texts(2, "validation"), "test": texts(3, "test")}
     datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(folder))
+
+
+def test_save_to_disk_dataset_dict_gives_train_and_validation_splits(tmp_path: Path) -> None:
+    folder = tmp_path / "sentiment"
+    save_dict(folder, {"train": texts(6, "train"), "validation": texts(2, "validation"), "test": texts(3, "test")})
     spec = spec_for(tmp_path, {"train": str(folder), "validation": str(folder)}, "classification")
     task = get_task("classification")
     train, val = task.split(spec)
@@ -126,11 +129,8 @@ def test_save_to_disk_bad_row_is_named_with_its_row_index(tmp_path: Path) -> Non
 
 
 def test_dataset_dict_without_a_train_split_says_which_folder_to_give(tmp_path: Path) -> None:
-    import datasets
-
     folder = tmp_path / "two"
-    parts = {"a": texts(3, "a"), "b": texts(3, "b")}
-    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in parts.items()}).save_to_disk(str(folder))
+    save_dict(folder, {"a": texts(3, "a"), "b": texts(3, "b")})
     with pytest.raises(DataError, match=r"splits \['a', 'b'\].*point data.train at one split's folder"):
         get_task("classification").split(spec_for(tmp_path, {"train": str(folder)}, "classification"))
 
@@ -149,6 +149,24 @@ def test_parquet_shards_in_a_folder_or_a_glob(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "shards/part-2.parquet")
     with pytest.raises(DataError, match=r"part-2.parquet row 1: \[invalid_field_type\] `output`"):
         get_task("chat").split(spec_for(tmp_path, {"train": "shards"}))
+
+
+def test_chat_rows_from_a_saved_dataset_keep_optional_keys_optional(tmp_path: Path) -> None:
+    import datasets
+
+    # Arrow gives the message without `weight` a null one, and the Alpaca row without `input` a null input.
+    messages = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]}
+    datasets.Dataset.from_list([messages, messages]).save_to_disk(str(tmp_path / "openai"))
+    assert len(load_chat_examples(tmp_path / "openai")) == 2
+    datasets.Dataset.from_list([alpaca(0), {"instruction": "q", "output": "a"}]).save_to_disk(str(tmp_path / "alp"))
+    assert load_chat_examples(tmp_path / "alp")[1].messages[0] == Message("user", "q")
+
+
+def test_data_validate_names_a_dataset_dicts_split_and_counts_its_rows(tmp_path: Path) -> None:
+    save_dict(tmp_path / "d", {"train": texts(6, "train"), "validation": texts(2, "validation")})
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "d"), "--scenario", "classification"])
+    assert result.exit_code == 0, result.output
+    assert "d[train] (6 rows), " in result.output and "d[validation] (2 rows): classification data: OK" in result.output
 
 
 def test_a_folder_that_is_no_dataset_is_refused(tmp_path: Path) -> None:
@@ -217,6 +235,16 @@ def test_mixture_spec_errors_name_the_entry(tmp_path: Path) -> None:
         "data.train.list.1.weight": "Input should be greater than 0",
         "data.train[1].path": "file not found: missing.jsonl",
     }
+
+
+def test_data_validate_checks_each_file_of_a_mixture(tmp_path: Path) -> None:
+    mixed_spec(tmp_path)
+    jsonl(tmp_path / "b.jsonl", [sharegpt(0), {"conversations": [{"from": "bot", "value": "x"}]}])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("data: {train: [{path: a.jsonl, weight: 2}, {path: b.jsonl}], validation: val.jsonl}\n")
+    result = runner.invoke(app, ["data", "validate", "--spec", str(spec)])
+    assert result.exit_code == 1
+    assert "b.jsonl:2 conversations[0]: [unknown_role]" in " ".join(result.output.split())
 
 
 def test_mixed_alpaca_and_sharegpt_train_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -150,7 +150,17 @@ def _read_parquet(path: Path) -> list[Row]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError([Problem(path.name, f"Parquet: {exc}", "check that the file is Parquet")]) from exc
-    return [Row(i, record, path.name) for i, record in enumerate(table.to_pylist())]
+    return [Row(i, _without_nulls(record), path.name) for i, record in enumerate(table.to_pylist())]
+
+
+def _without_nulls(value: Any) -> Any:
+    """A dataset row with its null fields left out. Arrow gives every struct the union of the keys seen, so a key
+    that a JSON row leaves out (an optional `weight`, `input` or `system`) comes back as null: absent it was."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 # The split a DatasetDict gives for each of data.train / data.validation: the first name it has, in this order.
@@ -211,7 +221,7 @@ def _read_saved(path: Path, split: str) -> list[Row]:
     if not isinstance(loaded, datasets.Dataset):
         raise DataError([Problem(str(path), "not one dataset split", "point at one split's folder")])
     place = f"{path.name}[{chosen}]" if chosen else path.name
-    return [Row(i, record, place) for i, record in enumerate(loaded.to_list())]
+    return [Row(i, _without_nulls(record), place) for i, record in enumerate(loaded.to_list())]
 
 
 def mapped(data: Any, columns: dict[str, str]) -> Any:
