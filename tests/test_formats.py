@@ -219,9 +219,14 @@ def test_mixture_without_validation_file_holds_out_before_repeating(tmp_path: Pa
 
 def test_each_mixed_file_is_checked_on_its_own(tmp_path: Path) -> None:
     spec = mixed_spec(tmp_path)
+    jsonl(tmp_path / "a.jsonl", [alpaca(0), {"instruction": "q", "output": 1}])
     jsonl(tmp_path / "b.jsonl", [sharegpt(0), {"conversations": [{"from": "gpt", "value": ""}]}])
-    with pytest.raises(DataError, match=r"b.jsonl:2 conversations\[0\]: \[empty_content\]"):
+    with pytest.raises(DataError) as caught:
         get_task("chat").split(spec)
+    assert [(p.where, p.code) for p in caught.value.problems] == [  # both files' problems, in one pass
+        ("a.jsonl:2", "invalid_field_type"),
+        ("b.jsonl:2 conversations[0]", "empty_content"),
+    ]
 
 
 def test_mixture_spec_errors_name_the_entry(tmp_path: Path) -> None:

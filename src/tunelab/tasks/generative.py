@@ -30,7 +30,7 @@ from tunelab.models import ModelSource, load_model
 from tunelab.tasks import Evaluation, TaskData
 
 if TYPE_CHECKING:
-    from tunelab.config import JobSpec
+    from tunelab.config import DataSource, JobSpec
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class GenerativeTask(ABC):
     def split(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
         """Training items (several files mixed by weight) and validation items. Without a validation file, each
         training file gives its own held-out rows before mixing, so a repeated row never lands in both splits."""
-        loaded = [(s, self.load(s.path, spec)) for s in spec.data.sources]
+        loaded = self._load_sources(spec)
         if spec.data.validation is not None:
             parts: list[tuple[list[Item], list[Item]]] = [(items, []) for _, items in loaded]
             val = self.load(spec.data.validation, spec, "validation")
@@ -124,6 +124,18 @@ class GenerativeTask(ABC):
         train, drawn = mix(named, spec.train.seed)
         self.sources = "; ".join(filter(None, [f"train mixture: {', '.join(map(str, drawn))}", self.sources]))
         return train, val
+
+    def _load_sources(self, spec: JobSpec) -> list[tuple[DataSource, list[Item]]]:
+        """Each training source read and checked on its own; the problems of every file are reported together."""
+        loaded, problems = [], []
+        for source in spec.data.sources:
+            try:
+                loaded.append((source, self.load(source.path, spec)))
+            except DataError as exc:
+                problems += exc.problems
+        if problems:
+            raise DataError(problems)
+        return loaded
 
     def loss_metrics(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
