@@ -522,7 +522,6 @@ def _validation_spec(
 
 
 def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> None:
-    from tunelab.data.readers import read_records
     from tunelab.models import load_tokenizer, resolve
     from tunelab.tasks import check_data
 
@@ -531,15 +530,26 @@ def _validate_scenario(job: JobSpec, file: Path | None, model: str | None) -> No
         out.print(f"[red]error[/]   {escape(str(problem))}")
     for warning in _file_warnings(checked.warnings, file):
         out.print(f"[yellow]warning[/] {escape(warning)}")
-    files = [f for f in dict.fromkeys([job.data.train, job.data.validation]) if f is not None]
-    # Every row was read without error when the check passed: counting them again is cheap and reassuring.
-    shown = [f"{f} ({len(read_records(f))} rows)" if checked.ok else str(f) for f in files]
+    shown = _files_read(job, count=checked.ok)
     counted = f", {checked.n_examples} training examples" if checked.n_examples is not None else ""
     out.print(f"{', '.join(shown)}: {job.task.scenario} data{counted}: {'OK' if checked.ok else 'NOT OK'}")
     if model is None:
         console.print("lengths not checked: pass --model (e.g. embedded) to tokenize as training does")
     if not checked.ok:
         raise typer.Exit(1)
+
+
+def _files_read(job: JobSpec, count: bool) -> list[str]:
+    """Each data path once, a saved DatasetDict once per split read; with its row count when `count`."""
+    from tunelab.data.readers import read_records, saved_split
+
+    paths = [(s.path, "train") for s in job.data.sources]
+    paths += [(job.data.validation, "validation")] if job.data.validation else []
+    named = {f"{f}[{saved_split(f, split)}]" if f.is_dir() and saved_split(f, split) else str(f): (f, split)
+             for f, split in paths}  # fmt: skip
+    # Every row was read without error when the check passed: counting them again is cheap and reassuring.
+    # Escaped: rich would read a split's `[train]` as markup.
+    return [escape(f"{name} ({len(read_records(*where))} rows)" if count else name) for name, where in named.items()]
 
 
 def _file_warnings(warnings: list[str], file: Path | None) -> list[str]:

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.errors import ConfigError, Problem
 
@@ -83,11 +93,30 @@ class TaskSpec(_Spec):
         return approach
 
 
+class DataSource(_Spec):
+    path: Path = Field(..., description="A training file, Parquet shards or a `save_to_disk` folder.")
+    weight: float = Field(1.0, gt=0, description="Its share of the mixture, relative to the other sources.")
+
+
+# A lone path or a list of sources: chosen by the value's shape, so a mistake in a list entry is reported alone
+# (`data.train.list.1.weight`) instead of beside a second, irrelevant error that the list is not a path.
+TrainData = Annotated[
+    Annotated[Path, Tag("path")] | Annotated[list[DataSource], Tag("list")],
+    Discriminator(lambda value: "list" if isinstance(value, list) else "path"),
+]
+
+
 class DataSpec(_Spec):
-    train: Path = Field(..., description="Training file (JSONL; CSV and Parquet too, except for chat).")
-    validation: Path | None = Field(None, description="Validation file; default: hold out `validation_split`.")
+    train: TrainData = Field(
+        ...,
+        description="Training data: JSONL, CSV or Parquet file, Parquet shards (folder or glob), a `save_to_disk` "
+        "folder; or several, mixed by weight: [{path: a.jsonl, weight: 2}, {path: b.jsonl, weight: 1}].",
+    )
+    validation: Path | None = Field(None, description="Validation data; default: hold out `validation_split`.")
     validation_split: float = Field(0.1, gt=0, lt=1, description="Fraction held out when no validation file.")
-    format: Literal["auto", "messages", "prompt_completion"] = Field("auto", description="Row format.")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = Field(
+        "auto", description="Chat row format (detected from each file's rows by default)."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="The scenario's fields read from differently named columns, e.g. {text: sms, label: category}.",
@@ -97,6 +126,18 @@ class DataSpec(_Spec):
         description="classification (both approaches): a validation label never seen in training is warned "
         "(with the count and the labels) or refused.",
     )
+
+    @field_validator("train")
+    @classmethod
+    def _some_train_source(cls, value: Path | list[DataSource]) -> Path | list[DataSource]:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one training file")
+        return value
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """The training sources; a single path is one source of weight 1."""
+        return self.train if isinstance(self.train, list) else [DataSource(path=self.train)]
 
 
 class TrainSpec(_Spec):
@@ -274,11 +315,33 @@ def _field_problems(raw: dict[str, Any]) -> list[Problem]:
         hint = " ".join(filter(None, [_closest(name, names), f"valid methods: {', '.join(names)}"]))
         problems.append(Problem("method.name", f"unknown method {name!r}", hint))
     data = raw.get("data")
-    for key in ("train", "validation"):
-        file = data.get(key) if isinstance(data, dict) else None
-        if isinstance(file, str | Path) and not Path(file).is_file():
-            problems.append(Problem(f"data.{key}", f"file not found: {file}", "give a path relative to the spec file"))
+    for key, file in _data_paths(data if isinstance(data, dict) else {}):
+        if not _exists(Path(file)):
+            problems.append(Problem(key, f"file not found: {file}", "give a path relative to the spec file"))
     return problems
+
+
+def _data_paths(data: dict[str, Any]) -> list[tuple[str, str | Path]]:
+    """(field, path) of every data path in a raw spec: data.train (or each data.train[i].path), data.validation."""
+    found: list[tuple[str, str | Path]] = []
+    for key in ("train", "validation"):
+        value = data.get(key)
+        if isinstance(value, str | Path):
+            found.append((f"data.{key}", value))
+        elif isinstance(value, list):
+            found += [
+                (f"data.{key}[{i}].path", item["path"])
+                for i, item in enumerate(value)
+                if isinstance(item, dict) and isinstance(item.get("path"), str | Path)
+            ]
+    return found
+
+
+def _exists(path: Path) -> bool:
+    """A data file, a dataset folder, or a glob that matches a file."""
+    if any(c in str(path) for c in "*?["):
+        return any(path.parent.glob(path.name))
+    return path.exists()
 
 
 def _cross_field_problems(spec: JobSpec) -> list[Problem]:
@@ -313,11 +376,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _resolve_paths(raw: dict[str, Any], root: Path) -> None:
     """Data paths in a spec are relative to the spec file, so examples run from any working directory."""
     data = raw.get("data")
-    if isinstance(data, dict):
-        for key in ("train", "validation"):
-            value = data.get(key)
-            if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
-                data[key] = str(root / value)
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "validation"):
+        value = data.get(key)
+        if isinstance(value, str):
+            data[key] = _resolved(value, root)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict) and isinstance(item.get("path"), str):
+                    item["path"] = _resolved(item["path"], root)
+
+
+def _resolved(value: str, root: Path) -> str:
+    return str(root / value) if not Path(value).is_absolute() and _exists(root / value) else value
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> Problem | None:

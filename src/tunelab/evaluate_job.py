@@ -35,7 +35,8 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
     check_benchmarks(spec)  # a wrong benchmark name fails before any model loads
     for warning in data.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    console.print(f"data: {data.n_val_examples} examples to score ({spec.data.validation or spec.data.train})")
+    scored = spec.data.validation or spec.data.sources[0].path
+    console.print(f"data: {data.n_val_examples} examples to score ({scored})")
     base = _evaluate(task, data, spec, None, console)
     result = _evaluate(task, data, spec, tuned, console) if tuned is not None else None
     outputs: list[str | None] = [s.output for s in result.samples] if result else [None] * len(base.samples)

@@ -79,6 +79,7 @@ def run_job(
     console.print(
         f"data: {data.n_train_examples} train examples in {len(data.train_rows)} rows "
         f"({'packed' if spec.packing else 'padded'}), {data.n_val_examples} validation examples"
+        + (f" ({data.sources})" if data.sources else "")
     )
 
     before = Evaluation({}, [])

@@ -14,8 +14,13 @@ from tunelab.errors import DataError, Problem
 
 @dataclass(frozen=True)
 class Row:
-    line: int  # 1-based line number in the file
+    line: int  # 1-based line number in the file (JSONL, CSV), or the 0-based row index in a dataset (Parquet, Arrow)
     data: Any  # the parsed JSON value (a dict for valid rows)
+    place: str = ""  # set for dataset rows: the shard or split the row index counts in
+
+    def where(self, path: Path) -> str:
+        """Where the row is, as errors name it: `file.jsonl:12`, or `shard.parquet row 11` (as `dataset[11]`)."""
+        return f"{self.place} row {self.line}" if self.place else f"{path.name}:{self.line}"
 
 
 def iter_jsonl(path: Path) -> Iterator[Row | Problem]:
@@ -96,8 +101,11 @@ def file_format(path: Path) -> str:
     return fmt
 
 
-def read_records(path: Path) -> list[Row]:
-    """Rows of a JSONL, CSV or Parquet file as dicts, each with the line (CSV, JSONL) or row number (Parquet)."""
+def read_records(path: Path, split: str = "train") -> list[Row]:
+    """Rows of a JSONL, CSV or Parquet file, Parquet shards (a folder or a glob) or a `save_to_disk` folder, as
+    dicts, each with its line (CSV, JSONL) or row index (datasets). `split` picks a DatasetDict's split."""
+    if is_dataset(path):
+        return read_dataset(path, split)
     fmt = file_format(path)
     if not path.is_file():
         raise DataError([Problem(str(path), f"no such {fmt} file", "check data.train / data.validation")])
@@ -106,6 +114,21 @@ def read_records(path: Path) -> list[Row]:
     if fmt == "Parquet":
         return _read_parquet(path)
     return read_jsonl(path)
+
+
+def iter_rows(path: Path, split: str = "train") -> Iterator[Row | Problem]:
+    """Every row of a data file, or a Problem for each JSONL line that is not JSON (the rest are still read).
+    Any file that is not CSV or Parquet is read as JSONL, whatever its name (the job service stores uploads
+    without an extension)."""
+    if is_dataset(path) or path.suffix.lower() in (".csv", ".parquet"):
+        yield from read_records(path, split)
+    else:
+        yield from iter_jsonl(path)
+
+
+def is_dataset(path: Path) -> bool:
+    """A Hugging Face dataset on disk: a folder (`save_to_disk`, or Parquet shards) or a glob of Parquet files."""
+    return path.is_dir() or (not path.is_file() and any(c in str(path) for c in "*?["))
 
 
 def _read_csv(path: Path) -> list[Row]:
@@ -127,7 +150,78 @@ def _read_parquet(path: Path) -> list[Row]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError([Problem(path.name, f"Parquet: {exc}", "check that the file is Parquet")]) from exc
-    return [Row(i + 1, record) for i, record in enumerate(table.to_pylist())]
+    return [Row(i, _without_nulls(record), path.name) for i, record in enumerate(table.to_pylist())]
+
+
+def _without_nulls(value: Any) -> Any:
+    """A dataset row with its null fields left out. Arrow gives every struct the union of the keys seen, so a key
+    that a JSON row leaves out (an optional `weight`, `input` or `system`) comes back as null: absent it was."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+# The split a DatasetDict gives for each of data.train / data.validation: the first name it has, in this order.
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev")}
+
+
+def read_dataset(path: Path, split: str) -> list[Row]:
+    """Rows of Parquet shards (a folder or a glob of *.parquet, read in name order) or of a `save_to_disk` folder.
+    Only Arrow/Parquet data and JSON metadata are read: nothing is unpickled, no dataset script runs."""
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _read_saved(path, split)
+    shards = sorted(path.glob("*.parquet")) if path.is_dir() else sorted(path.parent.glob(path.name))
+    if not shards:
+        raise DataError(
+            [
+                Problem(
+                    str(path),
+                    "neither a `save_to_disk` folder (no dataset_dict.json or state.json) nor Parquet shards",
+                    "give a folder written by Dataset.save_to_disk, a folder of *.parquet files, or a glob",
+                    "unknown_format",
+                )
+            ]
+        )
+    return [row for shard in shards for row in _read_parquet(shard)]
+
+
+def saved_split(path: Path, split: str) -> str | None:
+    """The split of a saved DatasetDict that `data.train` (or `data.validation`) reads; None for a plain Dataset."""
+    index = path / "dataset_dict.json"
+    if not index.is_file():
+        return None
+    splits: list[str] = json.loads(index.read_text(encoding="utf-8")).get("splits", [])
+    found = next((s for s in SPLIT_NAMES.get(split, (split,)) if s in splits), None)
+    if found is None and len(splits) == 1:
+        found = splits[0]  # the only split there is
+    if found is None:
+        raise DataError(
+            [
+                Problem(
+                    str(path),
+                    f"a DatasetDict with splits {splits} and none named {list(SPLIT_NAMES.get(split, (split,)))}",
+                    f"point data.{split} at one split's folder, e.g. {path / splits[0]}" if splits else "",
+                    "unknown_split",
+                )
+            ]
+        )
+    return found
+
+
+def _read_saved(path: Path, split: str) -> list[Row]:
+    import datasets  # imported here: only users of saved datasets pay for it
+
+    chosen = saved_split(path, split)
+    try:
+        loaded = datasets.load_from_disk(str(path / chosen if chosen else path))
+    except (OSError, ValueError) as exc:
+        raise DataError([Problem(str(path), f"cannot load the saved dataset: {exc}", "save it again")]) from exc
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError([Problem(str(path), "not one dataset split", "point at one split's folder")])
+    place = f"{path.name}[{chosen}]" if chosen else path.name
+    return [Row(i, _without_nulls(record), place) for i, record in enumerate(loaded.to_list())]
 
 
 def mapped(data: Any, columns: dict[str, str]) -> Any:

@@ -11,13 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tunelab.data.formats import ROLES, ChatExample, Format, detect_format, to_example
-from tunelab.data.readers import iter_jsonl
+from tunelab.data.formats import ROLES, SHAREGPT_ROLES, ChatExample, Format, detect_format, to_example
+from tunelab.data.readers import Row, iter_rows
 from tunelab.errors import DataError, Problem
 
-FormatChoice = Literal["auto", "messages", "prompt_completion"]
+FormatChoice = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"]
 MESSAGE_KEYS = {"role", "content", "weight", "name"}  # "name" is accepted (and ignored), as OpenAI accepts it
-ROW_KEYS: dict[Format, set[str]] = {"messages": {"messages"}, "prompt_completion": {"prompt", "completion"}}
+ROW_KEYS: dict[Format, set[str]] = {
+    "messages": {"messages"},
+    "prompt_completion": {"prompt", "completion"},
+    "alpaca": {"instruction", "input", "output", "system"},
+    "sharegpt": {"conversations"},
+}
+FORMAT_HINT = (
+    'use {"messages": [...]}, {"prompt": ..., "completion": ...}, {"instruction": ..., "input": ..., "output": ...} '
+    '(Alpaca) or {"conversations": [{"from": ..., "value": ...}]} (ShareGPT)'
+)
 
 
 @dataclass
@@ -42,15 +51,17 @@ def validate_chat_file(
     count_tokens: Callable[[ChatExample], int] | None = None,
     max_seq_len: int | None = None,
     min_examples: int = 10,
+    split: str = "train",
 ) -> ValidationReport:
-    """Read and check every row; count tokens when a counter is given (over-long examples are a warning)."""
+    """Read and check every row; count tokens when a counter is given (over-long examples are a warning).
+    `split` is the DatasetDict split read when `path` is a saved dataset."""
     report = ValidationReport(path, format=None if fmt == "auto" else fmt)
-    for item in iter_jsonl(path):
+    for item in iter_rows(path, split):
         report.n_rows += 1
         if isinstance(item, Problem):
             report.errors.append(item)
             continue
-        example = _check_row(item.data, item.line, report, forced=fmt != "auto")
+        example = _check_row(item, report, forced=fmt != "auto")
         if example is not None:
             report.examples.append(example)
     if count_tokens is not None:
@@ -67,24 +78,25 @@ def validate_chat_file(
     return report
 
 
-def load_chat_examples(path: Path, fmt: FormatChoice = "auto", min_examples: int = 1) -> list[ChatExample]:
+def load_chat_examples(
+    path: Path, fmt: FormatChoice = "auto", min_examples: int = 1, split: str = "train"
+) -> list[ChatExample]:
     """The file's examples, or a DataError that lists every problem in it."""
-    report = validate_chat_file(path, fmt, min_examples=min_examples)
+    report = validate_chat_file(path, fmt, min_examples=min_examples, split=split)
     if report.errors:
         raise DataError(report.errors)
     return report.examples
 
 
-def _check_row(row: Any, line: int, report: ValidationReport, forced: bool) -> ChatExample | None:
-    where = f"{report.path.name}:{line}"
+def _check_row(item: Row, report: ValidationReport, forced: bool) -> ChatExample | None:
+    row, where = item.data, item.where(report.path)
     if not isinstance(row, dict):
         report.errors.append(Problem(where, "each line must be a JSON object", "", "not_an_object"))
         return None
     found = detect_format(row)
     if found is None:
-        hint = 'use {"messages": [...]} or {"prompt": ..., "completion": ...}'
         code = "missing_messages" if report.format in (None, "messages") else "unknown_format"
-        report.errors.append(Problem(where, "no `messages` list (nor `prompt` and `completion`)", hint, code))
+        report.errors.append(Problem(where, "no `messages` list (nor another chat format's keys)", FORMAT_HINT, code))
         return None
     if report.format is None:
         report.format = found  # the first valid row decides the file's format
@@ -97,14 +109,12 @@ def _check_row(row: Any, line: int, report: ValidationReport, forced: bool) -> C
     for key in sorted(set(row) - ROW_KEYS[found]):
         report.warnings.append(Problem(where, f"key `{key}` is ignored", "", "unrecognized_key"))
     before = len(report.errors)
-    if found == "messages":
-        _check_messages(row["messages"], where, report.errors)
-    else:
-        _check_prompt_completion(row, where, report.errors)
-    return to_example(row, line, found) if len(report.errors) == before else None
+    CHECKS[found](row, where, report.errors)
+    return to_example(row, item.line, found) if len(report.errors) == before else None
 
 
-def _check_messages(messages: Any, where: str, errors: list[Problem]) -> None:
+def _check_messages(row: dict[str, Any], where: str, errors: list[Problem]) -> None:
+    messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         errors.append(Problem(where, "`messages` must be a non-empty list", "", "messages_not_list"))
         return
@@ -149,6 +159,52 @@ def _check_prompt_completion(row: dict[str, Any], where: str, errors: list[Probl
             errors.append(Problem(where, f"`{key}` must be a string", "", "invalid_field_type"))
     if isinstance(row["completion"], str) and not row["completion"].strip():
         errors.append(Problem(where, "empty `completion`", "there is nothing to learn", "empty_content"))
+
+
+def _check_alpaca(row: dict[str, Any], where: str, errors: list[Problem]) -> None:
+    for key in ("instruction", "output"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            errors.append(Problem(where, f"`{key}` must be a non-empty string", "", "invalid_field_type"))
+    for key in ("input", "system"):  # optional: absent, null or empty means none
+        if row.get(key) is not None and not isinstance(row[key], str):
+            errors.append(Problem(where, f"`{key}` must be a string (or left out)", "", "invalid_field_type"))
+
+
+def _check_sharegpt(row: dict[str, Any], where: str, errors: list[Problem]) -> None:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        errors.append(Problem(where, "`conversations` must be a non-empty list", "", "messages_not_list"))
+        return
+    for index, turn in enumerate(turns):
+        _check_turn(turn, f"{where} conversations[{index}]", errors)
+    if not any(isinstance(t, dict) and SHAREGPT_ROLES.get(str(t.get("from"))) == "assistant" for t in turns):
+        errors.append(
+            Problem(where, "no `gpt` turn", "each example needs a reply to learn from", "no_assistant_message")
+        )
+
+
+def _check_turn(turn: Any, where: str, errors: list[Problem]) -> None:
+    if not isinstance(turn, dict):
+        errors.append(Problem(where, "a turn must be an object", "", "message_not_object"))
+        return
+    speaker = turn.get("from")
+    if speaker not in SHAREGPT_ROLES:
+        errors.append(
+            Problem(where, f"unknown `from` {speaker!r}", f"use one of {list(SHAREGPT_ROLES)}", "unknown_role")
+        )
+    value = turn.get("value")
+    if not isinstance(value, str):
+        errors.append(Problem(where, "`value` must be a string", "", "missing_content"))
+    elif not value.strip():
+        errors.append(Problem(where, "empty `value`", "remove the turn or fill it", "empty_content"))
+
+
+CHECKS: dict[Format, Callable[[dict[str, Any], str, list[Problem]], None]] = {
+    "messages": _check_messages,
+    "prompt_completion": _check_prompt_completion,
+    "alpaca": _check_alpaca,
+    "sharegpt": _check_sharegpt,
+}
 
 
 def _count(report: ValidationReport, count_tokens: Callable[[ChatExample], int], max_seq_len: int | None) -> None:

@@ -32,6 +32,7 @@ class TaskData:
     warnings: list[str] = field(default_factory=list)
     val_items: list[object] = field(default_factory=list)  # what generations are drawn from (task-specific)
     objective: Objective | None = None  # what training minimises; None: the model's own loss (CausalLM)
+    sources: str = ""  # what was read: a saved DatasetDict's split, each training file's share of a mixture
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Chat scenario: OpenAI chat JSONL or prompt/completion JSONL; loss on the assistant replies; ROUGE-L of the
-generated replies against the references."""
+"""Chat scenario: OpenAI chat, prompt/completion, Alpaca or ShareGPT rows (JSONL or a dataset on disk); loss on
+the assistant replies; ROUGE-L of the generated replies against the references."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ class ChatTask(GenerativeTask):
     name = "chat"
     max_new_tokens = 48
 
-    def load(self, path: Path, spec: JobSpec) -> list[Item]:
+    def load(self, path: Path, spec: JobSpec, split: str = "train") -> list[Item]:
         # Chat files are checked as OpenAI checks them (tunelab.data.validate), not row by row here.
-        examples = load_chat_examples(path, spec.data.format)
+        examples = load_chat_examples(path, spec.data.format, split=split)
         return [Item(e, None) for e in examples]
 
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
         """One row already checked by tunelab.data.validate (load() checks whole files first)."""
         fmt = detect_format(row)
         if fmt is None:
-            raise ValueError("no `messages` list (nor `prompt` and `completion`)")
+            raise ValueError("not a chat row: give `messages`, `prompt`/`completion`, Alpaca or ShareGPT keys")
         return Item(to_example(row, line, fmt), None)
 
     def score(self, outputs: list[str], items: list[Item], spec: JobSpec) -> tuple[dict[str, float], dict[str, Any]]:

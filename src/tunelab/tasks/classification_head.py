@@ -71,7 +71,9 @@ class ClassificationHeadTask:
             encoded = [encode(t, self.labels.index(t.label), tokenizer, spec.train.max_seq_len) for t in texts]
             rows[split] = [row for row, _ in encoded]
             warnings += truncation_warning(split, sum(cut for _, cut in encoded), spec.train.max_seq_len)
-        return TaskData(rows["train"], rows["validation"], len(train), len(val), warnings, list(val))
+        return TaskData(
+            rows["train"], rows["validation"], len(train), len(val), warnings, list(val), sources=self.reader.sources
+        )
 
     def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
         return load_head_model(source, "sequence", self.labels, self.pad_id)

@@ -19,8 +19,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import ChatExample, Message
+from tunelab.data.mixing import mix
 from tunelab.data.packing import pack, unpacked
-from tunelab.data.readers import mapped, read_records
+from tunelab.data.readers import mapped, read_records, saved_split
 from tunelab.data.render import Tokenized, generation_prompt, tokenize
 from tunelab.errors import DataError, Problem, summarize
 from tunelab.evaluate import Generation, generate_batch, language_metrics
@@ -29,7 +30,7 @@ from tunelab.models import ModelSource, load_model
 from tunelab.tasks import Evaluation, TaskData
 
 if TYPE_CHECKING:
-    from tunelab.config import JobSpec
+    from tunelab.config import DataSource, JobSpec
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class GenerativeTask(ABC):
     max_new_tokens: int = 48  # long enough for this scenario's answers
     required: tuple[str, ...] = ()  # fields every row must have
     sampling: ClassVar[dict[str, float]] = {}  # empty: greedy decoding (deterministic answers to score)
+    sources: str = ""  # after `split`: the DatasetDict splits read, each file's share of a mixture (`data:` line)
 
     @abstractmethod
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:
@@ -67,14 +69,14 @@ class GenerativeTask(ABC):
         return []
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def load(self, path: Path, spec: JobSpec) -> list[Item]:
+    def load(self, path: Path, spec: JobSpec, split: str = "train") -> list[Item]:
         """Every row parsed; every bad row reported at once, with its line (a problem repeated on many rows once,
-        with its count and the columns the file has)."""
-        records = read_records(path)
+        with its count and the columns the file has). `split` picks a saved DatasetDict's split."""
+        records = read_records(path, split)
         items: list[Item] = []
         problems: list[Problem] = []
         for row in records:
-            where = f"{path.name}:{row.line}"
+            where = row.where(path)
             data = mapped(row.data, spec.data.columns)
             missing = [f for f in self.required if f not in data]
             if missing:
@@ -106,17 +108,34 @@ class GenerativeTask(ABC):
         }
 
     def split(self, spec: JobSpec) -> tuple[list[Item], list[Item]]:
-        train = self.load(spec.data.train, spec)
+        """Training items (several files mixed by weight) and validation items. Without a validation file, each
+        training file gives its own held-out rows before mixing, so a repeated row never lands in both splits."""
+        loaded = self._load_sources(spec)
         if spec.data.validation is not None:
-            return train, self.load(spec.data.validation, spec)
-        shuffled = train[:]
-        random.Random(spec.train.seed).shuffle(shuffled)
-        n_val = max(1, round(len(shuffled) * spec.data.validation_split))
-        if n_val >= len(shuffled):
-            raise DataError(
-                [Problem("data.validation_split", f"{len(train)} rows cannot be split", "give data.validation")]
-            )
-        return shuffled[n_val:], shuffled[:n_val]
+            parts: list[tuple[list[Item], list[Item]]] = [(items, []) for _, items in loaded]
+            val = self.load(spec.data.validation, spec, "validation")
+        else:
+            parts = [_hold_out(items, spec) for _, items in loaded]
+            val = [item for _, held in parts for item in held]
+        self.sources = _splits_read(spec)
+        if len(loaded) == 1:
+            return parts[0][0], val
+        named = [(s.path.name, train, s.weight) for (s, _), (train, _) in zip(loaded, parts, strict=True)]
+        train, drawn = mix(named, spec.train.seed)
+        self.sources = "; ".join(filter(None, [f"train mixture: {', '.join(map(str, drawn))}", self.sources]))
+        return train, val
+
+    def _load_sources(self, spec: JobSpec) -> list[tuple[DataSource, list[Item]]]:
+        """Each training source read and checked on its own; the problems of every file are reported together."""
+        loaded, problems = [], []
+        for source in spec.data.sources:
+            try:
+                loaded.append((source, self.load(source.path, spec)))
+            except DataError as exc:
+                problems += exc.problems
+        if problems:
+            raise DataError(problems)
+        return loaded
 
     def loss_metrics(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
@@ -146,7 +165,7 @@ class GenerativeTask(ABC):
         A validation file is read alone; a held-out split needs the training file it is cut from."""
         if spec.data.validation is None:
             return self.split(spec)
-        return [], self.load(spec.data.validation, spec)
+        return [], self.load(spec.data.validation, spec, "validation")
 
     def _with_validation(
         self,
@@ -158,7 +177,8 @@ class GenerativeTask(ABC):
     ) -> TaskData:
         val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation")
         to_rows = (lambda t: pack(t, spec.train.max_seq_len)) if spec.packing else unpacked
-        return TaskData(to_rows(train_tok), to_rows(val_tok), len(train_tok), len(val_tok), warnings, list(val))
+        train_rows, val_rows = to_rows(train_tok), to_rows(val_tok)
+        return TaskData(train_rows, val_rows, len(train_tok), len(val_tok), warnings, list(val), sources=self.sources)
 
     def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
         return load_model(source, quantization)
@@ -183,6 +203,26 @@ class GenerativeTask(ABC):
             metrics |= scored
         samples = [Generation(p, ref, out) for (p, ref), out in zip(prompts, outputs, strict=True)]
         return Evaluation(metrics, samples[: spec.eval.samples], details)
+
+
+def _splits_read(spec: JobSpec) -> str:
+    """Which split of each saved DatasetDict was read, said once so that nobody trains on `test` unknowingly."""
+    paths = [(s.path, "train") for s in spec.data.sources]
+    paths += [(spec.data.validation, "validation")] if spec.data.validation is not None else []
+    chosen = [(path, saved_split(path, split)) for path, split in paths if path.is_dir()]
+    return ", ".join(f"{path.name}: DatasetDict split '{name}'" for path, name in chosen if name)
+
+
+def _hold_out(items: list[Item], spec: JobSpec) -> tuple[list[Item], list[Item]]:
+    """(train, validation): a seeded `data.validation_split` of one file's items held out."""
+    shuffled = items[:]
+    random.Random(spec.train.seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * spec.data.validation_split))
+    if n_val >= len(shuffled):
+        raise DataError(
+            [Problem("data.validation_split", f"{len(items)} rows cannot be split", "give data.validation")]
+        )
+    return shuffled[n_val:], shuffled[:n_val]
 
 
 def _tokenize_all(

@@ -68,7 +68,15 @@ class NerHeadTask:
         warnings: list[str] = []
         train_rows, _ = self._encode_split(train_items, tokenizer, spec, "train", warnings)
         val_rows, sentences = self._encode_split(val_items, tokenizer, spec, "validation", warnings)
-        return TaskData(train_rows, val_rows, len(train_items), len(val_items), warnings, list(sentences))
+        return TaskData(
+            train_rows,
+            val_rows,
+            len(train_items),
+            len(val_items),
+            warnings,
+            list(sentences),
+            sources=self.reader.sources,
+        )
 
     def _encode_split(
         self, items: list[Item], tokenizer: PreTrainedTokenizerBase, spec: JobSpec, split: str, warnings: list[str]

@@ -58,6 +58,7 @@ class PreferenceTask(GenerativeTask):
             warnings,
             list(val),
             objective=Dpo(spec.task.beta),
+            sources=self.sources,
         )
 
     def evaluate(
