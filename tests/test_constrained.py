@@ -12,11 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from tiny import EOS
 from tunelab.config import load_spec
-from tunelab.data.render import encode_prompt, generation_prompt, tokenize
-from tunelab.evaluate import _sequence_logps
+from tunelab.data.render import encode_prompt, generation_prompt
 from tunelab.metrics import lower_is_better
 from tunelab.tasks import get_task
-from tunelab.tasks.classification import ClassificationTask, _answered, label_logps
+from tunelab.tasks.classification import ClassificationTask, label_logps
 from tunelab.tasks.generative import Item, instructed
 from tunelab.train.progress import timed
 
@@ -48,10 +47,6 @@ def test_label_scores_match_a_forward_pass_by_hand(tiny_llama_dir: Path) -> None
     with torch.no_grad():
         expected = [[_by_hand(model, tokenizer, item, label) for label in LABELS] for item in items]
     assert torch.allclose(torch.tensor(scores), torch.tensor(expected), atol=1e-3), (scores, expected)
-    # The path prompt-learning models take (each sequence whole, batched) scores the same.
-    choices = [[tokenize(_answered(i.example, label), tokenizer) for label in LABELS] for i in items]
-    whole = _sequence_logps(model, choices, tokenizer.pad_token_id, batch_size=3)
-    assert torch.allclose(torch.tensor(whole), torch.tensor(expected), atol=1e-3), (whole, expected)
     task = ClassificationTask()
     task.labels = LABELS
     best = [LABELS[max(range(len(LABELS)), key=row.__getitem__)] for row in expected]

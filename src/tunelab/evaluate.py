@@ -112,62 +112,9 @@ def choice_logps(
     """For each example, the summed log-probability of each candidate answer: its trained tokens (the answer and
     its end-of-turn token, as training's loss mask covers them) after that example's prompt.
 
-    The prompt is read once per example and its KV cache serves every answer (most of the tokens are the
-    prompt's). Prompt-learning models put virtual tokens in front of every input, which a reused cache would
-    repeat: they score each (prompt, answer) sequence whole."""
+    Every (prompt, answer) pair is one sequence; sequences of similar length are batched together (little
+    padding), each with its own restarting positions so the batch needs no attention mask."""
     model.eval()
-    if _prompt_learning(model) or any(_shared_length(group) == 0 for group in choices):
-        return _sequence_logps(model, choices, pad_id, batch_size)
-    scores: list[list[float]] = []
-    with phase("scoring", len(choices)) as shown:
-        for group in choices:
-            scores.append(_shared_prompt_logps(model, group, pad_id))
-            shown.advance(1)
-    return scores
-
-
-def _prompt_learning(model: torch.nn.Module) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
-
-
-def _shared_prompt_logps(model: torch.nn.Module, group: list[Tokenized], pad_id: int) -> list[float]:
-    """One example's answers after one pass over the tokens they share (up to the first trained token)."""
-    start = _shared_length(group)
-    prompt = model(input_ids=torch.tensor([group[0].input_ids[:start]]), use_cache=True, logits_to_keep=1)
-    cache = prompt.past_key_values
-    cache.batch_repeat_interleave(len(group))
-    width = max(len(t.input_ids) - start for t in group)
-    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(group), width), IGNORE, dtype=torch.long)
-    mask = torch.ones((len(group), start + width), dtype=torch.long)
-    for j, t in enumerate(group):
-        n = len(t.input_ids) - start
-        ids[j, :n], labels[j, :n] = torch.tensor(t.input_ids[start:]), torch.tensor(t.labels[start:])
-        mask[j, start + n :] = 0  # right padding: nothing real comes after it
-    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-    # Token k of an answer is predicted by the position before it: the prompt's last one for k = 0.
-    first = prompt.logits[:, -1:].expand(len(group), 1, -1)
-    predicting = torch.cat([first, logits[:, :-1]], dim=1).float()
-    keep = labels != IGNORE
-    token_logps = predicting.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return [float(v) for v in (token_logps * keep).double().sum(-1)]
-
-
-def _shared_length(group: list[Tokenized]) -> int:
-    """How many leading tokens every answer's sequence shares, stopping before the first trained token."""
-    first = min(next(i for i, label in enumerate(t.labels) if label != IGNORE) for t in group)
-    common = 0
-    while common < first and all(t.input_ids[common] == group[0].input_ids[common] for t in group):
-        common += 1
-    return common
-
-
-def _sequence_logps(
-    model: torch.nn.Module, choices: list[list[Tokenized]], pad_id: int, batch_size: int
-) -> list[list[float]]:
-    """Every (prompt, answer) sequence scored whole; similar lengths batched together (little padding), each
-    with its own restarting positions so the batch needs no attention mask."""
     flat = [t for group in choices for t in group]
     rows = [_sequence_row(t, i) for i, t in enumerate(flat)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
