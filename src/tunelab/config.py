@@ -199,6 +199,12 @@ class EvalSpec(_Spec):
         ge=0,
         description="Validation examples generated and scored by the task metric (a head scores all max_examples).",
     )
+    classification: Literal["constrained", "generate", "both"] = Field(
+        "both",
+        description="Generative classification: `constrained` scores each label's log-likelihood as the answer and "
+        "predicts the likeliest (accuracy, macro_f1; max_examples rows), `generate` parses free answers "
+        "(generated_accuracy, generated_macro_f1, unknown_rate; `generations` rows), `both` reports both.",
+    )
     benchmarks: list[str] = Field(
         [],
         description="lm-eval tasks scored before and after training, e.g. [truthfulqa_mc1, truthfulqa_mc2] (bundled "

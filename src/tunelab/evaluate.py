@@ -10,7 +10,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.packing import Row, collate
-from tunelab.data.render import IGNORE, encode_prompt
+from tunelab.data.render import IGNORE, Tokenized, encode_prompt
+from tunelab.train.objectives import MODEL_KEYS, sequence_logps
 from tunelab.train.progress import phase
 
 
@@ -102,3 +103,34 @@ def generate_batch(
                 outputs[index] = str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip()
             shown.advance(len(group))
     return [outputs[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def choice_logps(
+    model: torch.nn.Module, choices: list[list[Tokenized]], pad_id: int, batch_size: int = 16
+) -> list[list[float]]:
+    """For each example, the summed log-probability of each candidate answer: its trained tokens (the answer and
+    its end-of-turn token, as training's loss mask covers them) after that example's prompt.
+
+    Every (prompt, answer) pair is one sequence; sequences of similar length are batched together (little
+    padding), each with its own restarting positions so the batch needs no attention mask."""
+    model.eval()
+    flat = [t for group in choices for t in group]
+    rows = [_sequence_row(t, i) for i, t in enumerate(flat)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    scores = torch.zeros(len(rows), dtype=torch.float64)
+    with phase("scoring", len(rows), "answers") as shown:
+        for start in range(0, len(order), batch_size):
+            group = [rows[i] for i in order[start : start + batch_size]]
+            batch = collate(group, pad_id, packed=True)
+            logits = model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}, use_cache=False).logits
+            ids, sums = sequence_logps(logits, batch["labels"], batch["segments"])
+            scores[ids] = sums.double()
+            shown.advance(len(group))
+    sizes = [len(group) for group in choices]
+    return [chunk.tolist() for chunk in scores.split(sizes)]
+
+
+def _sequence_row(tokenized: Tokenized, sequence_id: int) -> Row:
+    n = len(tokenized.input_ids)
+    return Row(tokenized.input_ids, tokenized.labels, list(range(n)), segments=[sequence_id] * n)

@@ -4,7 +4,7 @@ as training does (base = "before", tuned = "after")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -16,7 +16,7 @@ from tunelab.inference import load_for_inference
 from tunelab.models import load_tokenizer, resolve
 from tunelab.report import Sample, write_report
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
-from tunelab.train.progress import reporting
+from tunelab.train.progress import reporting, timed, timing_line
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,13 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
 
 def _evaluate(task: Task, data: TaskData, spec: JobSpec, tuned: Path | None, console: Console) -> Evaluation:
     """The scenario's metrics (each phase shows its progress), then the spec's benchmarks (they show their own)."""
-    with reporting(console, "eval tuned" if tuned else "eval base"):
+    label = "eval tuned" if tuned else "eval base"
+    with reporting(console, label):
         model, tokenizer = load_for_inference(spec.model.name, tuned, load=task.load_model)
-        evaluation = task.evaluate(model, tokenizer, data, spec)
+        with timed() as seconds:  # the evaluation alone, without loading the model
+            evaluation = task.evaluate(model, tokenizer, data, spec)
+    console.print(timing_line(f"{label} time", seconds))
+    evaluation = replace(evaluation, metrics=evaluation.metrics | seconds)
     if not spec.eval.benchmarks:
         return evaluation
     return with_benchmarks(evaluation, run_benchmarks(model, tokenizer, spec.eval, console))

@@ -25,6 +25,9 @@ DIRECTION: dict[str, Literal["higher", "lower"]] = {
     "accuracy": "higher", "macro_f1": "higher", "entity_precision": "higher", "entity_recall": "higher",
     "entity_f1": "higher", "bleu": "higher", "chrf": "higher", "rouge_l": "higher", "exact_match": "higher",
     "f1": "higher", "abc_well_formed": "higher", "pair_accuracy": "higher", "pair_margin": "higher",
+    "generated_accuracy": "higher", "generated_macro_f1": "higher",
+    # Evaluation time (tunelab.train.progress.timed): the whole evaluation and each of its phases.
+    "eval_seconds": "lower", "loss_seconds": "lower", "scoring_seconds": "lower", "generation_seconds": "lower",
 }  # fmt: skip
 LOWER_IS_BETTER = frozenset(name for name, way in DIRECTION.items() if way == "lower")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
 from tunelab.train.objectives import CausalLM
-from tunelab.train.progress import log_benchmarks, reporting
+from tunelab.train.progress import log_benchmarks, reporting, timed, timing_line
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,10 @@ def _evaluate(
     console: Console,
     label: str,
 ) -> Evaluation:
-    with reporting(console, f"eval {label}"):  # each phase shows its progress, in a terminal and in a log
+    with reporting(console, f"eval {label}"), timed() as seconds:  # each phase shows its progress and is timed
         evaluation = task.evaluate(model, tokenizer, data, spec)
+    console.print(timing_line(f"eval {label} time", seconds))
+    evaluation = replace(evaluation, metrics=evaluation.metrics | seconds)
     if spec.eval.benchmarks:  # after the status spinner: the benchmarks show their own progress
         evaluation = with_benchmarks(evaluation, run_benchmarks(model, tokenizer, spec.eval, console))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())

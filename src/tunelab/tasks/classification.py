@@ -1,7 +1,12 @@
 """Text classification, generatively: the model answers with the label's name.
 
-Labels come from the spec (`task.labels`) or from the training data. An answer that is no label is scored as
-wrong and counted (`unknown_rate`), never a crash. The report gets a confusion matrix.
+Labels come from the spec (`task.labels`) or from the training data. Two ways to score (`eval.classification`):
+- constrained (`accuracy`, `macro_f1`): each label's log-likelihood as the assistant's answer, in the format the
+  model is trained on; the likeliest label is the prediction. Every prediction is a label, so a base model that
+  would answer in a sentence is still measured on the task, and it costs one short forward pass per label.
+- generated (`generated_accuracy`, `generated_macro_f1`): the greedy free answer, parsed; an answer that is no
+  label is scored as wrong and counted (`unknown_rate`), never a crash. What a user of the model would see.
+The report gets the confusion matrix of the constrained predictions (of the generated ones with `generate`).
 """
 
 from __future__ import annotations
@@ -9,9 +14,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import torch
+from transformers import PreTrainedTokenizerBase
+
 from tunelab.data.formats import ChatExample, Message
+from tunelab.data.render import generation_prompt, tokenize
 from tunelab.errors import DataError, Problem
+from tunelab.evaluate import Generation, choice_logps
 from tunelab.metrics import classification_metrics, confusion
+from tunelab.tasks import Evaluation, TaskData
 from tunelab.tasks.generative import GenerativeTask, Item, instructed
 
 if TYPE_CHECKING:
@@ -81,10 +92,58 @@ class ClassificationTask(GenerativeTask):
         return []
 
     def score(self, outputs: list[str], items: list[Item], spec: JobSpec) -> tuple[dict[str, float], dict[str, Any]]:
+        """The generated answers' metrics (`generated_*`, `unknown_rate`)."""
         predicted = [_to_label(o, self.labels) for o in outputs]
         gold = [str(i.reference) for i in items]
         details = {"labels": self.labels, "confusion": confusion(predicted, gold, self.labels)}
-        return classification_metrics(predicted, gold, self.labels), details
+        scores = classification_metrics(predicted, gold, self.labels)
+        named = {f"generated_{k}" if k != "unknown_rate" else k: v for k, v in scores.items()}
+        return named, details
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
+    ) -> Evaluation:
+        mode = spec.eval.classification
+        if mode != "constrained":  # the loss pass, and free answers for `eval.generations` rows
+            generated = super().evaluate(model, tokenizer, data, spec)
+        else:
+            generated = Evaluation(self.loss_metrics(model, tokenizer, data, spec), [])
+        if mode == "generate":
+            return generated
+        items = [i for i in data.val_items if isinstance(i, Item)][: spec.eval.max_examples]
+        predicted = self.constrained(model, tokenizer, items)
+        gold = [str(i.reference) for i in items]
+        scores = classification_metrics(predicted, gold, self.labels)
+        del scores["unknown_rate"]  # an argmax over the labels always names one
+        details = {"labels": self.labels, "confusion": confusion(predicted, gold, self.labels)}
+        # Without free answers, the report's samples show the constrained predictions.
+        samples = generated.samples or _samples(items, predicted, tokenizer)[: spec.eval.samples]
+        return Evaluation(generated.metrics | scores, samples, details)
+
+    def constrained(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> list[str]:
+        """Each item's likeliest label as the answer (ties go to the first label)."""
+        scores = label_logps(model, tokenizer, items, self.labels)
+        return [self.labels[max(range(len(row)), key=row.__getitem__)] for row in scores]
+
+
+def label_logps(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[Item], labels: list[str]
+) -> list[list[float]]:
+    """For each item, each label's log-likelihood as the assistant's answer: the same rendering and loss mask as
+    training (the label's tokens and the end-of-turn token), so a label that is a prefix of another is not
+    favoured for being short: the longer one pays for its extra tokens, the shorter one for ending the turn.
+    Not truncated at train.max_seq_len: a cut prompt would lose the answer being scored."""
+    choices = [[tokenize(_answered(i.example, label), tokenizer) for label in labels] for i in items]
+    return choice_logps(model, choices, int(tokenizer.pad_token_id))
+
+
+def _answered(example: ChatExample, answer: str) -> ChatExample:
+    return ChatExample(example.line, messages=[*example.messages[:-1], Message("assistant", answer)])
+
+
+def _samples(items: list[Item], predicted: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Generation]:
+    prompts = [generation_prompt(i.example, tokenizer) for i in items]
+    return [Generation(p, ref, out) for (p, ref), out in zip(prompts, predicted, strict=True)]
 
 
 def _with_system(item: Item, system: str) -> Item:

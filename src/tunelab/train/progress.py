@@ -105,16 +105,27 @@ EVAL_KEY = "eval"  # marks a metrics.jsonl row as an evaluation ("before"/"after
 
 
 def log_benchmarks(path: Path, before: Evaluation, after: Evaluation | None, step: int) -> None:
-    """Append the benchmark scores before and after training (Evaluations) as two rows after the steps, e.g.
-    {"eval": "before", "step": 0, "truthfulqa_mc1/acc": 0.23}. A resumed run rewrites the steps and logs these anew."""
+    """Append the benchmark scores and the evaluation times before and after training (Evaluations) as two rows
+    after the steps, e.g. {"eval": "before", "step": 0, "truthfulqa_mc1/acc": 0.23, "eval_seconds": 9.1}. A resumed
+    run rewrites the steps and logs these anew."""
     rows = []
     for label, evaluation, at in (("before", before, 0), ("after", after, step)):
-        names = benchmark_metrics(evaluation)[0] if evaluation is not None else []
+        names = benchmark_metrics(evaluation)[0] + timing_names(evaluation) if evaluation is not None else []
         if evaluation is not None and names:
             rows.append({EVAL_KEY: label, "step": at, **{n: evaluation.metrics[n] for n in names}})
     if rows:
         with path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def timing_names(evaluation: Evaluation) -> list[str]:
+    return [name for name in evaluation.metrics if name.endswith("_seconds")]
+
+
+def timing_line(label: str, seconds: dict[str, float]) -> str:
+    """`eval before: 9.1 s (loss 2.0 s, scoring 7.1 s)`: evaluation time apart from training's."""
+    phases = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in seconds.items() if k != "eval_seconds")
+    return f"{label}: {seconds.get('eval_seconds', 0.0):.1f} s" + (f" ({phases})" if phases else "")
 
 
 def is_step_row(row: dict[str, Any]) -> bool:
@@ -208,10 +219,33 @@ def reporting(console: Console, label: str) -> Iterator[None]:
         _REPORTING.reset(token)
 
 
-def phase(name: str, total: int, unit: str = "examples") -> PhaseProgress | _Silent:
-    """A counter for one phase (`with phase("generation", n) as p: ... p.advance(k)`), shown if asked for."""
+# Seconds per phase of the evaluation running inside `timed()`: evaluation time is reported apart from training's.
+_TIMINGS: ContextVar[dict[str, float] | None] = ContextVar("tunelab_eval_timings", default=None)
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """Collect the time of every phase run inside this block: {"loss_seconds": ..., "scoring_seconds": ...,
+    "eval_seconds": the whole block}; the dict is filled when the block ends."""
+    seconds: dict[str, float] = {}
+    token = _TIMINGS.set(seconds)
+    started = time.perf_counter()
+    try:
+        yield seconds
+    finally:
+        seconds["eval_seconds"] = time.perf_counter() - started
+        _TIMINGS.reset(token)
+
+
+@contextmanager
+def phase(name: str, total: int, unit: str = "examples") -> Iterator[PhaseProgress | _Silent]:
+    """A counter for one phase (`with phase("generation", n) as p: ... p.advance(k)`), shown if asked for, and
+    timed inside `timed()`."""
     asked = _REPORTING.get()
-    if asked is None or total == 0:
-        return _Silent()
-    console, label = asked
-    return PhaseProgress(console, f"{label} {name}", total, unit)
+    started = time.perf_counter()
+    shown = _Silent() if asked is None or total == 0 else PhaseProgress(asked[0], f"{asked[1]} {name}", total, unit)
+    with shown:
+        yield shown
+    timings = _TIMINGS.get()
+    if timings is not None:
+        timings[f"{name}_seconds"] = timings.get(f"{name}_seconds", 0.0) + time.perf_counter() - started
