@@ -52,7 +52,7 @@ def run_tunelab(model: str, steps: int, seq_len: int, batch: int, out: Path, npr
         spec.write_text(json.dumps(base), encoding="utf-8")  # JSON is YAML
         cmd = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--nproc", str(nproc)]
         subprocess.run(cmd, check=True, capture_output=True)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" not in r]
     return {"tokens": rows[-1]["tokens"], "seconds": rows[-1]["elapsed_s"], "losses": [r["loss"] for r in rows]}
 
 

@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from tunelab.errors import TunelabError
+from tunelab.train.progress import is_step_row
 
 DEFAULT_METHODS = ("lora", "dora", "rslora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "full")
 ZERO_ROWS = ("zero1", "zero2", "zero3")  # LoRA under each DeepSpeed ZeRO stage, with --nproc processes
@@ -321,7 +322,8 @@ def _shorten(text: str, limit: int = 200) -> str:
 def read_results(base: BenchRow, run_dir: Path, peak_rss_bytes: int) -> BenchRow:
     """The row's numbers, from the files the run wrote."""
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    metrics = [row for row in map(json.loads, lines) if is_step_row(row)]  # not the evaluation rows
     return replace(
         base,
         trainable_params=int(summary["trainable_params"]),

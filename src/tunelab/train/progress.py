@@ -131,6 +131,8 @@ def timing_line(label: str, seconds: dict[str, float]) -> str:
 def is_step_row(row: dict[str, Any]) -> bool:
     """Readers of metrics.jsonl that want training steps skip the evaluation rows."""
     return EVAL_KEY not in row
+
+
 # -- long phases outside the training loop (evaluation: the loss pass, generation, a head's scoring) -------------
 
 PLAIN_EVERY_S = 10.0  # without a terminal, one line this often (and at the end), so logs show the phase is alive
