@@ -45,7 +45,9 @@ def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert (run / "report.html").is_file() and (run / "report.png").is_file()
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 8
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" not in r] == list(range(1, 9))  # one row per step
+    assert [r["eval"] for r in rows if "eval" in r] == ["before", "after"]  # then the evaluations' times
     assert "trainable parameters" in result.output
     assert "longer than train.max_seq_len=64 were truncated" in result.output  # counted and warned, not silent
 
