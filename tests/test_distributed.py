@@ -50,7 +50,8 @@ def _train(spec: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "eval" not in row]  # the steps, not the evaluation rows
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:

@@ -201,7 +201,8 @@ def test_reference_is_the_base_and_a_step_raises_the_margin(tiny_llama_dir: Path
 
 
 def _history(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "eval" not in row]  # the steps, not the evaluation rows
 
 
 def test_dpo_run_learns_to_prefer_the_chosen_answers(tiny_llama_dir: Path, tmp_path: Path) -> None:
