@@ -126,13 +126,14 @@ def test_head_trains_scores_saves_and_reloads(
         predicted = [_classify(adapter, tokenizer, t.text, task.labels) for t in texts]
         accuracy = sum(p == t.label for p, t in zip(predicted, texts, strict=True)) / len(texts)
         assert summary.after["accuracy"] == pytest.approx(accuracy)
-        assert set(summary.after) == {"loss", "accuracy", "macro_f1"}
+        assert {k for k in summary.after if not k.endswith("_seconds")} == {"loss", "accuracy", "macro_f1"}
         assert "Confusion matrix" in (tmp_path / "run/report.html").read_text(encoding="utf-8")
     else:
         sentences = [s for s in data.val_items if isinstance(s, Sentence)]
         predicted_tags = [_tag(adapter, tokenizer, s.tokens, task.labels) for s in sentences]
         expected = entity_metrics(predicted_tags, [s.tags for s in sentences])
-        assert summary.after == pytest.approx({"loss": summary.after["loss"], **expected})
+        scores = {k: v for k, v in summary.after.items() if not k.endswith("_seconds")}  # not the phase times
+        assert scores == pytest.approx({"loss": summary.after["loss"], **expected})
         before = json.loads((tmp_path / "run/eval_before.json").read_text())
         assert before["metrics"]["entity_precision"] > 0  # a random head tags entities: the metric sees them
 
@@ -327,4 +328,7 @@ def test_head_run_resumes_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
         first = recipe.run_job(spec, console=Console(quiet=True), stop_after=stop)
         runs[name] = recipe.run_job(spec, resume=True, console=Console(quiet=True)) if first.interrupted else first
     assert runs["stopped"].steps == 4
-    assert runs["stopped"].after == pytest.approx(runs["whole"].after, rel=1e-6)
+    def scores(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}  # phase times differ run to run
+
+    assert scores(runs["stopped"].after) == pytest.approx(scores(runs["whole"].after), rel=1e-6)
