@@ -288,7 +288,7 @@ def test_loss_and_statistics_equal_trls_dpo_trainer(tiny_llama_dir: Path, tmp_pa
     pairs = [TRL_ROW, {"prompt": "Q: Is the sky green?\nA:", "chosen": " No", "rejected": " Yes, always green"}]
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
-        max_length=None, precompute_ref_log_probs=False,
+        max_length=None, precompute_ref_log_probs=False, bf16=False,
     )  # fmt: skip
     trainer = trl.DPOTrainer(
         model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer
@@ -296,6 +296,10 @@ def test_loss_and_statistics_equal_trls_dpo_trainer(tiny_llama_dir: Path, tmp_pa
     batch = next(iter(trainer.get_train_dataloader()))  # [chosen..., rejected...], right-padded
     trl_loss = float(trainer.compute_loss(policy, batch))
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    # The trainer set accelerate's process-wide state; later runs in this process build their own Accelerator.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
     ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
 
