@@ -151,6 +151,21 @@ def test_mc1_mc2_equal_an_independent_implementation(questions: Path, tiny: tupl
         assert plain.metrics[name] == pytest.approx(value, abs=1e-6), name
 
 
+def test_validation_tasks_read_the_validation_split(questions: Path, tiny: tuple) -> None:
+    """`_validation` tasks score data/truthfulqa/validation.jsonl: here the hand-made questions' first two."""
+    (questions / "truthfulqa" / "validation.jsonl").write_text(
+        "".join((questions / "truthfulqa" / "test.jsonl").read_text(encoding="utf-8").splitlines(True)[:2])
+    )
+    model, tokenizer = tiny
+    names = ["truthfulqa_mc1_validation", "truthfulqa_mc2_validation"]
+    scores = score_benchmarks(model, tokenizer, names)
+    test = _score(model, tokenizer, limit=2)
+    assert scores.questions == {name: 2 for name in names}
+    for name in names:
+        plain = name.removesuffix("_validation")
+        assert scores.metrics[f"{name}/acc"] == pytest.approx(test.metrics[f"{plain}/acc"], abs=1e-9)
+
+
 def test_the_adapter_is_used_and_merging_keeps_the_scores(questions: Path, tiny_llama_dir: Path, tiny: tuple) -> None:
     base_model, tokenizer = tiny
     base = _score(base_model, tokenizer, limit=3).metrics

@@ -184,3 +184,13 @@ def test_data_preview_marks_trained_tokens(tiny_llama_dir: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     marked = re.findall(r"⟦(.*?)⟧", result.stdout, re.S)
     assert len(marked) == 1 and marked[0].startswith("also a number<|im_end|>")  # weight 0 and prompts unmarked
+
+
+def test_data_preview_of_a_spec_shows_its_training_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    row = {"prompt": "Q: two?\nA:", "completion": " a number"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"model: {{name: {tiny_llama_dir}}}\ntask: {{scenario: chat}}\ndata: {{train: train.jsonl}}\n")
+    result = runner.invoke(app, ["data", "preview", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert re.findall(r"⟦(.*?)⟧", result.stdout, re.S)[0].startswith(" a number")

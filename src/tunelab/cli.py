@@ -584,7 +584,7 @@ def _validate_chat(file: Path, model: str | None, max_seq_len: int, min_examples
 @data_app.command("preview")
 @friendly_errors
 def data_preview_cmd(
-    file: Annotated[Path, typer.Argument(help="A chat JSONL file.")],
+    file: Annotated[Path, typer.Argument(help="A chat JSONL file, or a job spec (its first training file).")],
     model: ModelOpt = "embedded",
     n: Annotated[int, typer.Option(help="How many examples.")] = 2,
     max_seq_len: Annotated[int, typer.Option()] = 512,
@@ -594,6 +594,8 @@ def data_preview_cmd(
     from tunelab.data.validate import load_chat_examples
     from tunelab.models import load_tokenizer, resolve
 
+    if file.suffix in (".yaml", ".yml"):  # a spec: preview what it trains on, with its model and length
+        file, model, max_seq_len = _spec_preview_source(file)
     tokenizer = load_tokenizer(resolve(model))
     # Colour on a terminal; piped or redirected output marks the trained spans with ⟦ ⟧ instead.
     trained_style, other_style = ("[bold green]{}[/]", "[dim]{}[/]") if out.is_terminal else ("⟦{}⟧", "{}")
@@ -606,6 +608,19 @@ def data_preview_cmd(
             piece = escape(str(tokenizer.decode([token_id for token_id, _ in group])))
             out.print((trained_style if trained else other_style).format(piece), end="", highlight=False)
         out.print()
+
+
+def _spec_preview_source(spec_file: Path) -> tuple[Path, str, int]:
+    from tunelab.config import load_spec
+
+    job = load_spec(spec_file)
+    source = job.data.sources[0].path
+    if source.is_dir():
+        raise TunelabError(
+            f"{spec_file}: data.train {source} is a saved dataset folder; `data preview` shows JSONL files "
+            f"(try `tunelab data validate --spec {spec_file}`)"
+        )
+    return source, job.model.name, job.train.max_seq_len
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from tunelab.tasks import Evaluation
 
 TASKS_DIR = Path(__file__).resolve().parent
-BUNDLED_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2")
+# `_validation`: the same tasks on the 41 questions held out of the training half, to choose a recipe on (the test
+# split is for reporting only).
+BUNDLED_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2", "truthfulqa_mc1_validation", "truthfulqa_mc2_validation")
 DATA_DIR_ENV = "TUNELAB_DATA_DIR"
 BENCHMARKS_KEY = "benchmarks"  # in Evaluation.details
 
@@ -50,12 +52,13 @@ def bundled_data_dir() -> Path:
     return Path(override) if override else TASKS_DIR.parents[2] / "data"
 
 
-def truthfulqa_test_file() -> Path:
-    path = bundled_data_dir() / "truthfulqa" / "test.jsonl"
+def truthfulqa_file(split: str = "test") -> Path:
+    """The bundled TruthfulQA split `split` (test or validation)."""
+    path = bundled_data_dir() / "truthfulqa" / f"{split}.jsonl"
     if not path.is_file():
         raise TunelabError(
-            f"the bundled TruthfulQA test split is not at {path}: run tunelab from a source checkout (data/ is not "
-            f"in the wheel), or set {DATA_DIR_ENV} to a folder holding truthfulqa/test.jsonl"
+            f"the bundled TruthfulQA {split} split is not at {path}: run tunelab from a source checkout (data/ is not "
+            f"in the wheel), or set {DATA_DIR_ENV} to a folder holding truthfulqa/{split}.jsonl"
         )
     return path
 

@@ -23,7 +23,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.benchmarks import TASKS_DIR, BenchmarkScores, truthfulqa_test_file
+from tunelab.benchmarks import TASKS_DIR, BenchmarkScores, truthfulqa_file
 from tunelab.benchmarks.lm import LoadedModelLM, ProgressFn
 from tunelab.errors import TunelabError
 
@@ -87,7 +87,8 @@ def _task_spec(manager: TaskManager, name: str) -> TaskSpec:
         return name
     # lm-eval reads `dataset_kwargs.data_files` relative to the working directory; tunelab runs from anywhere.
     config = load_yaml(yaml_path, resolve_func=True)
-    config["dataset_kwargs"] = {"data_files": {"test": str(truthfulqa_test_file())}}
+    split = Path(config["dataset_kwargs"]["data_files"]["test"]).stem  # data/truthfulqa/<split>.jsonl
+    config["dataset_kwargs"] = {"data_files": {"test": str(truthfulqa_file(split))}}
     return config
 
 

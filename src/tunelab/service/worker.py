@@ -199,6 +199,12 @@ class Worker:
         )
 
 
+def _scored(name: str, after: float, before: float | None) -> str:
+    """`accuracy 0.9000 (better)`: the verdict follows the metric's declared direction (tunelab.metrics)."""
+    _, verdict = compare(before, after, lower_is_better(name))
+    return f"{name} {after:.4f}" + (f" ({verdict})" if verdict else "")
+
+
 def _failed(error: BaseException) -> Outcome:
     code, param = "training_failed", None
     if isinstance(error, DataError):
@@ -234,8 +240,3 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-def _scored(name: str, after: float, before: float | None) -> str:
-    """`accuracy 0.9000 (better)`: the verdict follows the metric's declared direction (tunelab.metrics)."""
-    _, verdict = compare(before, after, lower_is_better(name))
-    return f"{name} {after:.4f}" + (f" ({verdict})" if verdict else "")
