@@ -120,3 +120,12 @@ def test_no_metrics_at_all(tmp_path: Path) -> None:
 )
 def test_compare(old: float, new: float | None, lower_better: bool, expected: tuple[str, str]) -> None:
     assert compare(old, new, lower_better) == expected
+
+
+def test_evaluation_times_are_in_the_table_not_the_picture(tmp_path: Path) -> None:
+    """Times are not results: a panel for eval_seconds would widen the picture by one panel."""
+    _, plain = _write(tmp_path / "plain")
+    timed = {"before": {"loss": 2.5, "accuracy": 0.5, "eval_seconds": 3.0}, "after": {"loss": 1.25, "accuracy": 0.4}}
+    html, png = _write(tmp_path / "timed", **timed)
+    assert matplotlib.image.imread(png).shape == matplotlib.image.imread(plain).shape
+    assert ">3<" in _row(html, "eval_seconds")

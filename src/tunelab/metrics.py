@@ -36,6 +36,11 @@ def lower_is_better(name: str) -> bool:
     return name in LOWER_IS_BETTER
 
 
+def is_timing(name: str) -> bool:
+    """An evaluation phase's time (`eval_seconds`, ...): reported in tables, not a result to chart."""
+    return name.endswith("_seconds")
+
+
 def classification_metrics(predicted: list[str], gold: list[str], labels: list[str]) -> dict[str, float]:
     """Accuracy and macro-F1 over the known labels; answers outside them count as wrong and are reported."""
     accuracy = sum(p == g for p, g in zip(predicted, gold, strict=True)) / max(len(gold), 1)

@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tunelab.metrics import LOWER_IS_BETTER
+from tunelab.metrics import LOWER_IS_BETTER, is_timing
 
 PANEL_WIDTH_IN = 4.0
 PANEL_HEIGHT_IN = 3.2
@@ -127,8 +127,9 @@ def render_png(
     history: list[dict[str, float]],
     benchmarks: Sequence[str] = (),
 ) -> bytes:
-    names = [n for n in metric_names(before, after) if n not in benchmarks]
-    grouped = [n for n in metric_names(before, after) if n in benchmarks]
+    shown = [n for n in metric_names(before, after) if not is_timing(n)]  # times stay in the HTML table
+    names = [n for n in shown if n not in benchmarks]
+    grouped = [n for n in shown if n in benchmarks]
     # The benchmark panel is as wide as a panel per two metrics, so its bars stay as wide as the others.
     widths = [1.0] * len(names) + ([max(1.0, len(grouped) / 2)] if grouped else []) + [1.0]
     fig = Figure(figsize=(PANEL_WIDTH_IN * sum(widths), PANEL_HEIGHT_IN), dpi=DPI)

@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from tunelab.benchmarks import benchmark_metrics
+from tunelab.metrics import is_timing
 
 if TYPE_CHECKING:
     from tunelab.tasks import Evaluation
@@ -119,7 +120,7 @@ def log_benchmarks(path: Path, before: Evaluation, after: Evaluation | None, ste
 
 
 def timing_names(evaluation: Evaluation) -> list[str]:
-    return [name for name in evaluation.metrics if name.endswith("_seconds")]
+    return [name for name in evaluation.metrics if is_timing(name)]
 
 
 def timing_line(label: str, seconds: dict[str, float]) -> str:
