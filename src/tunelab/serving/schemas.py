@@ -75,7 +75,7 @@ class _Request(BaseModel):
     )
     seed: int | None = None
     user: str | None = None
-    logit_bias: Annotated[dict[str, float] | None, Empty] = None
+    logit_bias: dict[str, float] | None = None  # token id -> bias, checked against the vocabulary by the engine
     logprobs: Annotated[Any, only(None, False, 0)] = None  # chat: a bool; completions: an int (0 returns none)
 
     def include_usage(self) -> bool:
@@ -85,8 +85,16 @@ class _Request(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text"]
+    type: Annotated[str, only("text")]  # images, audio and files are OpenAI's too, but not this engine's
     text: str
+
+
+def _parts(value: Any) -> Any:
+    return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+# A string or a list of parts, held as parts: an error then names the part (`messages[0].content[1].type`).
+Content = Annotated[list[TextPart] | None, BeforeValidator(_parts)]
 
 
 class ChatMessage(BaseModel):
@@ -95,7 +103,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Content = None
     name: str | None = None
     tool_call_id: str | None = None  # a tool message's: the template renders its content like any other
     tool_calls: Annotated[list[Any] | None, Empty] = None
@@ -105,9 +113,7 @@ class ChatMessage(BaseModel):
     annotations: Annotated[list[Any] | None, Empty] = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return "".join(part.text for part in self.content or ())
 
 
 class ChatCompletionRequest(_Request):
