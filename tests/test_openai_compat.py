@@ -45,7 +45,7 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "store": False,
     "metadata": {"app": "test"},
     "service_tier": "auto",
-    "extra_body": {"top_k": 0},
+    "extra_body": {"top_k": -1},  # vLLM's "no limit", which some clients send
 }
 
 
@@ -119,6 +119,17 @@ def test_greedy_answer_is_transformers_generate(clients: dict[str, openai.OpenAI
 def test_client_defaults_change_nothing(clients: dict[str, openai.OpenAI], greedy: str, server: str) -> None:
     assert ask(clients[server], temperature=0, **CLIENT_DEFAULTS) == [greedy]
     assert ask_streamed(clients[server], temperature=0, **CLIENT_DEFAULTS) == [greedy]
+
+
+def test_nulls_mean_the_defaults(servers: dict[str, Server], greedy: str) -> None:
+    """Some frameworks send every parameter, unset ones as null."""
+    nulls = ["n", "stream", "stream_options", "top_p", "top_k", "stop", "seed", "user", "logit_bias", "logprobs"]
+    nulls += ["top_logprobs", "response_format", "tools", "tool_choice", "presence_penalty", "frequency_penalty"]
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0, **dict.fromkeys(nulls)}
+    for name, server in servers.items():
+        response = server.post(body)
+        assert response.status_code == 200, (name, response.text)
+        assert [c["message"]["content"] for c in response.json()["choices"]] == [greedy], name
 
 
 @pytest.mark.parametrize("server", SERVERS)

@@ -76,7 +76,7 @@ def _start(
     budget = _budget(model.context_length, len(ids), request.completion_budget(), param)
     sampling = _sampling(request, budget, len(model.tokenizer))
     runs = []
-    for choice in range(request.n):
+    for choice in range(request.n or 1):
         # Each choice its own seed, so n choices differ and the same request still gives the same n again.
         seed = None if request.seed is None else request.seed + choice
         decoder = model.open(len(ids) + budget)
@@ -98,7 +98,7 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest, budget: int, v
         max_tokens=budget,
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's defaults
         top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k,
+        top_k=max(request.top_k or 0, 0),
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=_logit_bias(request.logit_bias or {}, vocab),

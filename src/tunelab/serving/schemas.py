@@ -64,11 +64,11 @@ class _Request(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, description="Not OpenAI's: vLLM's extra-body top_k. 0 keeps all.")] = 0
+    top_k: Annotated[int, Field(ge=-1, description="vLLM's extra-body top_k; 0 and -1 keep every token.")] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    n: Annotated[int, Field(ge=1, le=8)] = 1
-    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=8)] | None = None  # None: 1 (clients may send any of these as null)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = Field(
         None, description="Up to 4 strings: the reply ends before the first one generated, which is not included."
@@ -145,7 +145,7 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
-    echo: Annotated[bool, only(False)] = False
+    echo: Annotated[bool | None, only(None, False)] = None
     best_of: Annotated[int | None, only(None, 1)] = None
     suffix: Annotated[str | None, only(None)] = None
 
