@@ -359,12 +359,6 @@ def test_a_prompt_longer_than_the_context_is_refused(chat_api: Api) -> None:
     assert fits["usage"]["total_tokens"] <= 512 and fits["usage"]["prompt_tokens"] > 256
 
 
-def test_unsupported_chat_options_are_refused_by_name(chat_api: Api) -> None:
-    for option, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True)):
-        error = _error(_chat(chat_api, max_tokens=2, **{option: value}), 400)
-        assert (error["code"], error["param"]) == ("unsupported_value", option), error
-
-
 def test_a_template_error_is_a_400_even_when_streaming(chat_api: Api) -> None:
     messages = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]
     for stream in (False, True):
