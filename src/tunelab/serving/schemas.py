@@ -8,6 +8,7 @@ a value; the ones this engine does not implement are refused, by name, only at a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -35,7 +36,7 @@ def unless(accepts: Callable[[Any], bool], shown: str) -> AfterValidator:
 
 
 def only(*accepted: Any) -> AfterValidator:
-    return unless(lambda value: value in accepted, " or ".join("null" if a is None else repr(a) for a in accepted))
+    return unless(lambda value: value in accepted, " or ".join(json.dumps(a) for a in accepted))  # as JSON shows them
 
 
 def _empty(value: Any) -> bool:
