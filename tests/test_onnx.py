@@ -32,7 +32,7 @@ from tunelab.export.onnx import (
 )
 from tunelab.inference import chat_prompt
 from tunelab.serve.app import create_app
-from tunelab.serve.engines import build_engine
+from tunelab.serving.engines import build_engine
 
 # What a quantised export of the tiny model must reach, vs the fp32 export / PyTorch: (correlation of the logits,
 # teacher-forced greedy agreement). Measured: int8 0.999 / 94 %, int4 (k-quant mixed) 0.96 / 56 %; an export of

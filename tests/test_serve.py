@@ -26,8 +26,8 @@ from tunelab.errors import TunelabError
 from tunelab.inference import chat_prompt
 from tunelab.serve.app import create_app
 from tunelab.serve.cli import parse_adapters, serve_app
-from tunelab.serve.engines import TorchEngine, build_engine
-from tunelab.serve.generation import Sampling, pick_token
+from tunelab.serving.engines import TorchEngine, build_engine
+from tunelab.serving.generation import Sampling, pick_token
 
 QUESTION = "what is your name"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
@@ -252,7 +252,7 @@ def test_top_p_samples_only_from_the_nucleus() -> None:
 
     def draws(top_p: float, temperature: float = 1.0) -> set[int]:
         sampling = Sampling(max_tokens=1, temperature=temperature, top_p=top_p)
-        return {pick_token(logits, sampling, rng) for _ in range(300)}
+        return {pick_token(logits, [], sampling, rng) for _ in range(300)}
 
     assert draws(1.0) == {0, 1, 2, 3}
     assert draws(0.9) == {0, 1, 2}  # 0.5 + 0.3 < 0.9: the third token is needed to reach it
@@ -345,7 +345,7 @@ def test_other_bad_requests_are_openai_shaped(server: Server) -> None:
         (b'{"model": "alpha"}', 400, "messages"),
         (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
         (b'{"model": "alpha", "messages": [{"role": "robot", "content": "hi"}]}', 400, "messages[0].role"),
-        (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+        (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "n": 9}', 400, "n"),
         (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}', 400, "temperature"),
         (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}', 400, "top_p"),
         (

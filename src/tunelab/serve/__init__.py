@@ -1,5 +1,6 @@
-"""OpenAI-compatible inference server: one base model, many adapters (or one ONNX export).
+"""`tunelab serve`: the OpenAI-compatible inference server's routes, API keys and metrics, on the serving engine
+(`tunelab.serving`): one base model and many adapters, or one ONNX export.
 
-Import from the submodules (`tunelab.serve.app`, `tunelab.serve.engines`): this package stays empty so that
-`tunelab`'s command line starts without loading torch and the web stack.
+Import from the submodules (`tunelab.serve.app`): this package stays empty so that `tunelab`'s command line starts
+without loading torch and the web stack.
 """

@@ -1,80 +1,86 @@
-"""The HTTP app: routes translate HTTP to the completions service and back; nothing else happens here.
+"""The HTTP app of `tunelab serve`: routes find the engine's model a request names and hand the request to the
+serving engine (`tunelab.serving.completions`); nothing else happens here.
 
 Routes are plain `def`s: FastAPI runs them in its thread pool, where blocking on the model is fine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from tunelab.serve.engines import Engine
-from tunelab.serve.errors import install_error_handlers
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.metrics import install as install_metrics
-from tunelab.serve.schemas import ChatCompletionRequest, CompletionRequest, Model, ModelList
-from tunelab.serve.service import (
-    CompletionService,
-    chat_chunks,
-    chat_response,
-    completion_chunks,
-    completion_response,
-    sse,
-)
+from tunelab.serving import completions
+from tunelab.serving.engines import Engine, ServedModel, UnknownModel
+from tunelab.serving.errors import install_error_handlers, model_not_found
+from tunelab.serving.schemas import ChatCompletionRequest, CompletionRequest, Model, ModelList
 
 
-def get_service(request: Request) -> CompletionService:
-    service: CompletionService = request.app.state.service
-    return service
+class Server:
+    def __init__(self, engine: Engine, metrics: ServeMetrics) -> None:
+        self.engine, self.metrics, self.started = engine, metrics, int(time.time())
+
+    def model(self, model_id: str) -> ServedModel:
+        try:
+            return self.engine.served(model_id)
+        except UnknownModel:
+            raise model_not_found(model_id) from None
+
+    def counter(self, model_id: str) -> completions.OnDone:
+        return lambda run: self.metrics.generation_done(model_id, run)
 
 
-Service = Annotated[CompletionService, Depends(get_service)]
+def get_server(request: Request) -> Server:
+    server: Server = request.app.state.server
+    return server
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
 router = APIRouter(prefix="/v1")
 
 
 @router.get("/models")
-def list_models(service: Service) -> ModelList:
-    return service.models()
+def list_models(server: ServerDep) -> ModelList:
+    return ModelList(data=[Model(id=m, created=server.started) for m in server.engine.model_ids])
 
 
 @router.get("/models/{model_id:path}")
-def retrieve_model(model_id: str, service: Service) -> Model:
-    return service.model(model_id)
+def retrieve_model(model_id: str, server: ServerDep) -> Model:
+    if model_id not in server.engine.model_ids:
+        raise model_not_found(model_id)
+    return Model(id=model_id, created=server.started)
 
 
 @router.post("/chat/completions", response_model=None)
-def chat_completions(body: ChatCompletionRequest, service: Service) -> Response:
-    run = service.chat(body)
+def chat_completions(body: ChatCompletionRequest, server: ServerDep) -> Response:
+    runs = completions.start_chat(server.model(body.model), body, server.counter(body.model))
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(sse(chat_chunks(run, body.model, include_usage)))
-    return JSONResponse(chat_response(run, body.model).model_dump())
+        return completions.event_stream(
+            completions.sse(completions.chat_chunks(runs, body.model, body.include_usage()))
+        )
+    return JSONResponse(completions.chat_response(runs, body.model).model_dump())
 
 
 @router.post("/completions", response_model=None)
-def completions(body: CompletionRequest, service: Service) -> Response:
-    run = service.completion(body)
+def text_completions(body: CompletionRequest, server: ServerDep) -> Response:
+    runs = completions.start_completion(server.model(body.model), body, server.counter(body.model))
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(sse(completion_chunks(run, body.model, include_usage)))
-    return JSONResponse(completion_response(run, body.model).model_dump())
-
-
-def _stream(events: Iterator[str]) -> StreamingResponse:
-    # No proxy buffering: each token should reach the client when it is made.
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return completions.event_stream(
+            completions.sse(completions.completion_chunks(runs, body.model, body.include_usage()))
+        )
+    return JSONResponse(completions.completion_response(runs, body.model).model_dump())
 
 
 def create_app(engine: Engine, api_keys: frozenset[str] = frozenset()) -> FastAPI:
-    """The OpenAI-compatible app around `engine` (built by `tunelab.serve.engines.build_engine`). With `api_keys`,
-    every route but /health needs one of them as a bearer token."""
+    """The OpenAI-compatible app around `engine` (built by `tunelab.serving.engines.build_engine`). With
+    `api_keys`, every route but /health needs one of them as a bearer token."""
     app = FastAPI(title="tunelab serve", summary="OpenAI-compatible completions for a base model and its adapters")
     metrics = ServeMetrics()
-    app.state.service = CompletionService(engine, metrics)
+    app.state.server = Server(engine, metrics)
     install_error_handlers(app)
     install_metrics(app, metrics, api_keys)
     app.include_router(router)

@@ -63,7 +63,7 @@ def serve_cmd(
     import uvicorn
 
     from tunelab.serve.app import create_app
-    from tunelab.serve.engines import build_engine
+    from tunelab.serving.engines import build_engine
 
     keys = read_keys(api_key or [], api_keys_file)
     engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name, threads)

@@ -12,13 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tunelab.serve.schemas import ErrorDetail, ErrorResponse
+from tunelab.serving.errors import ApiError
 
 if TYPE_CHECKING:
-    from tunelab.serve.generation import TextGeneration
+    from tunelab.serving.generation import TextGeneration
 
 OPEN_PATHS = frozenset({"/health"})  # for load balancers' probes: says nothing about models or traffic
 
@@ -84,10 +83,6 @@ def _authorised(request: Request, keys: frozenset[str]) -> bool:
     return scheme.lower() == "bearer" and any(secrets.compare_digest(given.strip(), k) for k in keys)
 
 
-def _unauthorised() -> JSONResponse:
-    detail = ErrorDetail(
-        message="Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
-        type="invalid_request_error",
-        code="invalid_api_key",
-    )
-    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=401)
+def _unauthorised() -> Response:
+    message = "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'."
+    return ApiError(401, "invalid_api_key", message).response()

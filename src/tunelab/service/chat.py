@@ -1,6 +1,6 @@
-"""Which model a chat names, and a small cache of loaded models. Base models are shared; fine-tuned and checkpoint
-models belong to their project. Loading and generating live in `generation.py` (torch), imported on first use so
-the API starts in a second. (The multi-adapter `tunelab serve` is separate.)"""
+"""Which model a chat names, and a small cache of loaded models: the tenancy on top of the serving engine
+(`tunelab.serving`), which does the rest. Base models are shared; fine-tuned and checkpoint models belong to their
+project. Loading lives in `generation.py` (torch), imported on first use so the API starts in a second."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tunelab.service.settings import ServiceSettings
 from tunelab.service.store import Store
 
 if TYPE_CHECKING:
-    from tunelab.service.generation import Loaded
+    from tunelab.serving.engines import ServedModel, TorchEngine
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,6 @@ class Target:
     merged: bool = False
     checkpoint: Path | None = None
     spec: dict[str, Any] | None = None
-
-
-@dataclass
-class Completion:
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
 
 
 def find_target(settings: ServiceSettings, store: Store, project_id: str, name: str) -> Target:
@@ -69,21 +61,19 @@ class ChatModels:
     def __init__(self, capacity: int, threads: int) -> None:
         self.capacity, self.threads = capacity, threads
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-generate")
-        self._cache: OrderedDict[str, Loaded] = OrderedDict()  # by model name: names are never reused
+        self._cache: OrderedDict[str, TorchEngine] = OrderedDict()  # by model name: names are never reused
         self._lock = threading.Lock()
 
-    def get(self, target: Target) -> Loaded:
+    def get(self, target: Target) -> ServedModel:
         with self._lock:
-            if target.name in self._cache:
-                self._cache.move_to_end(target.name)
-                return self._cache[target.name]
-            from tunelab.service.generation import load
+            if target.name not in self._cache:
+                from tunelab.service.generation import load
 
-            loaded = load(target, self.threads)
-            self._cache[target.name] = loaded
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-            return loaded
+                self._cache[target.name] = load(target, self.threads)
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(target.name)
+            return self._cache[target.name].served(target.name)
 
     def forget(self, name: str) -> None:
         with self._lock:

@@ -1,23 +1,10 @@
-"""API errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+"""The service's errors: the serving engine's one OpenAI-shaped `ApiError`, and the answers its routes share."""
 
 from __future__ import annotations
 
-from typing import Any
+from tunelab.serving.errors import ApiError
 
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, param: str | None = None, type_: str = "invalid_request_error"
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.param = param
-        self.type = type_
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+__all__ = ["ApiError", "bad_request", "not_found"]
 
 
 def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:

@@ -7,8 +7,6 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.serve.schemas import Stop, stop_strings
-
 T = TypeVar("T")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -70,39 +68,6 @@ class JobCreate(_Request):
     hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method; still accepted
     integrations: list[dict[str, Any]] | None = None
     tunelab: TunelabOptions = TunelabOptions()
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    # Unknown options are refused, as `tunelab serve` does: a client that sends `tools` or `logprobs` must learn
-    # that they are not supported rather than get a reply that silently ignored them.
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
-    n: Literal[1] = 1
-    stop: Stop = Field(
-        None, description="Up to 4 strings: the reply ends before the first one generated, which is not included."
-    )
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    def stops(self) -> tuple[str, ...]:
-        return stop_strings(self.stop)
 
 
 # Responses.

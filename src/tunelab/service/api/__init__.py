@@ -7,13 +7,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunelab.service.api import chat, files, jobs, models
@@ -23,6 +20,7 @@ from tunelab.service.files import validate_stored_file
 from tunelab.service.jobs import advance_validating
 from tunelab.service.settings import ServiceSettings
 from tunelab.service.store import Store
+from tunelab.serving.errors import install_error_handlers
 
 log = logging.getLogger("tunelab.service.api")
 STREAM_WAITERS = 32  # chat streams served at once (generation itself is one at a time)
@@ -45,7 +43,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     app.state.ctx = ctx
     for module in (files, jobs, models, chat):
         app.include_router(module.router)
-    _add_error_handlers(app)
+    install_error_handlers(app)  # the serving engine's: one error shape for every route of both servers
     app.add_middleware(UploadLimit, limit=settings.max_file_bytes + UPLOAD_OVERHEAD)
 
     @app.get("/healthz", include_in_schema=False)
@@ -72,32 +70,7 @@ def _catch_up(ctx: ServiceContext) -> None:
 
 
 def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(ApiError(status, code, message, param).body(), status_code=status)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors: list[Any] = list(exc.errors())
-        first = errors[0]
-        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path", "header"))
-        code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
-        text = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors)
-        return _error(400, code, text, param or None)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", "The server had an error while processing your request.")
+    return ApiError(status, code, message, param).response()
 
 
 class UploadLimit:

@@ -1,6 +1,7 @@
 """One request's generation: sample tokens step by step, turn them into text deltas, stop on EOS or a stop string.
 
-Sampling happens here, not in the engines, so the PyTorch and ONNX engines answer a (seeded) request the same way.
+Sampling happens here, not in the engines, so the PyTorch and ONNX engines (and both servers) answer a (seeded)
+request the same way. The logits go through transformers' logits processors, as `generate` would use them.
 """
 
 from __future__ import annotations
@@ -8,12 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol, cast
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-FinishReason = Literal["stop", "length"]
+from tunelab.serving.schemas import FinishReason
 
 
 class Decoder(Protocol):
@@ -29,21 +37,73 @@ class Sampling:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0
 
-def pick_token(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling from the tempered distribution."""
-    if sampling.temperature == 0 or sampling.top_p == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, on the tokens generated so far (not the prompt's):
+    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence, self.frequency = presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence  # type: ignore[return-value]
+
+
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: a fixed amount added to chosen tokens' logits at every step."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...]) -> None:
+        self.ids = torch.tensor([token for token, _ in bias], dtype=torch.long)
+        self.values = torch.tensor([value for _, value in bias])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.index_add(1, self.ids, self.values[None].to(scores.dtype))  # type: ignore[return-value]
+
+
+def logits_processors(sampling: Sampling) -> LogitsProcessorList:
+    """What changes the logits before a token is picked; the warpers that only shape sampling come after the
+    penalties, in transformers' own order (temperature, top-k, top-p), and only when sampling."""
+    processors = LogitsProcessorList()
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        processors.append(OpenAIPenalties(sampling.presence_penalty, sampling.frequency_penalty))
+    if sampling.logit_bias:
+        processors.append(LogitBias(sampling.logit_bias))
+    if sampling.greedy:
+        return processors
+    processors.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        processors.append(TopKLogitsWarper(sampling.top_k))
     if sampling.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it is below top_p.
-        outside = (sorted_probs.cumsum(0) - sorted_probs) >= sampling.top_p
-        probs = probs.scatter(0, order[outside], 0.0)
-    return int(torch.multinomial(probs, 1, generator=rng))
+        processors.append(TopPLogitsWarper(sampling.top_p))
+    return processors
+
+
+def pick_token(
+    logits: torch.Tensor,
+    generated: Sequence[int],
+    sampling: Sampling,
+    rng: torch.Generator,
+    processors: LogitsProcessorList | None = None,
+) -> int:
+    """Greedy at temperature 0 (or top_p 0); otherwise a draw from the processed distribution."""
+    processors = logits_processors(sampling) if processors is None else processors
+    ids = cast(torch.LongTensor, torch.tensor([list(generated)], dtype=torch.long))
+    scores = processors(ids, logits.float()[None])[0]
+    if sampling.greedy:
+        return int(scores.argmax())
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=rng))
 
 
 class TextGeneration:
@@ -72,13 +132,15 @@ class TextGeneration:
         else:
             rng.manual_seed(self.sampling.seed)
         try:
+            processors, generated = logits_processors(self.sampling), list[int]()
             logits = self.decoder.feed(self.prompt_ids)
             for step in range(self.sampling.max_tokens):
-                token = pick_token(logits, self.sampling, rng)
+                token = pick_token(logits, generated, self.sampling, rng, processors)
                 if token in self.eos_ids:
                     self.finish_reason = "stop"
                     return
                 self.completion_tokens += 1
+                generated.append(token)
                 yield token
                 if step + 1 < self.sampling.max_tokens:  # the last token needs no forward pass after it
                     logits = self.decoder.feed([token])

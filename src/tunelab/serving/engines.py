@@ -1,4 +1,5 @@
-"""What the server generates with: a PyTorch base model with many adapters, or one ONNX export.
+"""What the servers generate with: a PyTorch base model with many adapters (or none: one loaded model, as the job
+service keeps each fine-tuned model), or one ONNX export. A request's model comes out as a `ServedModel`.
 
 Requests run concurrently, but each forward pass holds the engine's lock: PEFT's adapter switch and the model
 are shared state. Locking per step (not per request) interleaves requests token by token, so a long answer
@@ -8,39 +9,43 @@ does not make a short one wait for all of it, and a client that disconnects cann
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from tunelab.errors import TunelabError
 from tunelab.export.onnx import OnnxDecoder, OnnxModel
 from tunelab.models import load_model, load_tokenizer, resolve
-from tunelab.serve.adapters import AdapterRegistry, check_adapters
-from tunelab.serve.generation import Decoder
+from tunelab.serving.adapters import AdapterRegistry, check_adapters
+from tunelab.serving.generation import Decoder
 
 
 class UnknownModel(LookupError):
     """A request named a model this server does not have."""
 
 
-class Engine(Protocol):
-    tokenizer: PreTrainedTokenizerBase
+@dataclass(frozen=True)
+class ServedModel:
+    """One model as a request uses it: its tokenizer (template and counting), its context length (None: its config
+    does not say), the tokens that end its turn, and `open(max_length)`, a decoder for one request."""
 
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int | None
+    eos_ids: set[int]
+    open: Callable[[int], Decoder]
+
+
+class Engine(Protocol):
     @property
     def model_ids(self) -> list[str]: ...
 
-    @property
-    def context_length(self) -> int: ...
-
-    @property
-    def eos_ids(self) -> set[int]: ...
-
-    def open(self, model_id: str, max_length: int) -> Decoder:
-        """A decoder for one request on `model_id`; raises UnknownModel."""
+    def served(self, model_id: str) -> ServedModel:
+        """`model_id` ready for requests; raises UnknownModel."""
         ...
 
 
@@ -50,37 +55,29 @@ class TorchEngine:
     def __init__(
         self,
         base_id: str,
-        model: PreTrainedModel,
+        model: torch.nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        adapters: Mapping[str, Path],
+        adapters: Mapping[str, Path] | None = None,
         max_adapters: int = 4,
     ) -> None:
+        adapters = adapters or {}
         if base_id in adapters:
             raise TunelabError(f"adapter name {base_id!r} is the base model's name: choose another")
         check_adapters(adapters)
-        self.base_id, self.tokenizer, self.config = base_id, tokenizer, model.config
+        self.base_id, self.tokenizer = base_id, tokenizer
         self.registry = AdapterRegistry(model.eval(), adapters, max_adapters)
         self.lock = threading.Lock()
-        self._eos = _eos_ids(model, tokenizer)
+        self.context_length, self.eos_ids = _context_length(model), _eos_ids(model, tokenizer)
 
     @property
     def model_ids(self) -> list[str]:
         return [self.base_id, *self.registry.paths]
 
-    @property
-    def context_length(self) -> int:
-        return int(self.config.max_position_embeddings)
-
-    @property
-    def eos_ids(self) -> set[int]:
-        return self._eos
-
-    def open(self, model_id: str, max_length: int) -> Decoder:
-        if model_id == self.base_id:
-            return TorchDecoder(self, None)
-        if model_id not in self.registry.paths:
+    def served(self, model_id: str) -> ServedModel:
+        if model_id != self.base_id and model_id not in self.registry.paths:
             raise UnknownModel(model_id)
-        return TorchDecoder(self, model_id)
+        adapter = None if model_id == self.base_id else model_id
+        return ServedModel(self.tokenizer, self.context_length, self.eos_ids, lambda _: TorchDecoder(self, adapter))
 
 
 class TorchDecoder:
@@ -123,17 +120,12 @@ class OnnxEngine:
     def model_ids(self) -> list[str]:
         return [self.base_id]
 
-    @property
-    def context_length(self) -> int:
-        return self.model.context_length
-
-    @property
-    def eos_ids(self) -> set[int]:
-        return self.model.eos_ids
-
-    def open(self, model_id: str, max_length: int) -> Decoder:
+    def served(self, model_id: str) -> ServedModel:
         if model_id != self.base_id:
             raise UnknownModel(model_id)
+        return ServedModel(self.tokenizer, self.model.context_length, self.model.eos_ids, self._open)
+
+    def _open(self, max_length: int) -> Decoder:
         with self.lock:
             return LockedDecoder(self.model.decoder(max_length), self.lock)
 
@@ -168,8 +160,13 @@ def build_engine(
     return TorchEngine(name or model, load_model(source), load_tokenizer(source), adapters or {}, max_adapters)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     # Chat models often end a turn with a token the tokenizer does not call EOS: generation_config lists them.
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]
     return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
