@@ -6,12 +6,13 @@ Mounted by the main CLI as a sub-app; also runnable alone as `python -m tunelab.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.errors import TunelabError
 from tunelab.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -93,7 +94,10 @@ def service(
         worker_nice=worker_nice,
         torch_threads=torch_threads,
     )
-    serve(settings, console, stop_timeout)
+    try:
+        serve(settings, console, stop_timeout)
+    except TunelabError as exc:
+        _fail(exc)
 
 
 def _store(data_dir: Path, database: str | None) -> Store:
@@ -102,8 +106,17 @@ def _store(data_dir: Path, database: str | None) -> Store:
     settings = _settings(data_dir, database)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.database_url, pool_size=1)
-    store.upgrade()
+    try:
+        store.upgrade()
+    except TunelabError as exc:
+        _fail(exc)
     return store
+
+
+def _fail(error: TunelabError) -> NoReturn:
+    """A database this release cannot upgrade, for one: one clear message rather than a traceback."""
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(2)
 
 
 @keys_app.command("create")

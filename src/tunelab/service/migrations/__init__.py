@@ -15,13 +15,15 @@ A change to `db.py` needs a revision here; from the repository root (its alembic
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, inspect, text
 
 from tunelab.errors import TunelabError
 from tunelab.service.db import WRITE_OPTION
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 HERE = Path(__file__).parent
 INITIAL = "0001"
@@ -34,6 +36,8 @@ def upgrade(engine: Engine) -> None:
     """Upgrade the database to the newest revision, creating the tables in an empty one. The API and `keys create`
     may start at the same moment: each upgrades in one transaction under a lock, so the second waits, then finds
     nothing left to do (SQLite and PostgreSQL both roll DDL back with the transaction, so no half-made schema)."""
+    from alembic import command  # here: workers use the store too, and never upgrade
+
     with engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK})
@@ -45,6 +49,8 @@ def upgrade(engine: Engine) -> None:
 
 def alembic_config(conn: Connection | None = None) -> Config:
     """Alembic's settings without an ini file; `env.py` runs the migrations on `conn` when given."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(HERE))
     config.attributes["connection"] = conn
