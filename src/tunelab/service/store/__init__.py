@@ -8,12 +8,12 @@ from tunelab.service.migrations import upgrade
 from tunelab.service.store.database import Database, Page
 from tunelab.service.store.events import Event
 from tunelab.service.store.files import FileRepository
-from tunelab.service.store.jobs import ACTIVE, JobRepository
+from tunelab.service.store.jobs import JobRepository
 from tunelab.service.store.keys import KeyRepository
 from tunelab.service.store.leases import LeaseRepository, Progress
 from tunelab.service.store.models import ModelRepository
 
-__all__ = ["ACTIVE", "Event", "Page", "Progress", "Store"]
+__all__ = ["Event", "Page", "Progress", "Store"]
 
 
 class Store:
