@@ -233,6 +233,16 @@ def test_state_machine_without_workers(api: Api, good_file: bytes) -> None:
     assert events[0] == "Job cancelled" and events[-1].startswith("Validating training file")
 
 
+def test_a_file_is_deletable_once_no_unfinished_job_uses_it(api: Api, good_file: bytes) -> None:
+    file_id = api.upload(good_file)["id"]
+    job = api.create_job(file_id).json()
+    assert _error(api.call("DELETE", f"/files/{file_id}"), 400)["code"] == "file_in_use"
+    assert _error(api.call("DELETE", f"/files/{file_id}", who="b"), 404)["code"] == "file_not_found"
+    api.call("POST", f"/fine_tuning/jobs/{job['id']}/cancel")
+    assert api.call("DELETE", f"/files/{file_id}").json()["deleted"] is True
+    assert api.call("GET", f"/files/{file_id}").status_code == 404
+
+
 def test_list_jobs_pages_and_filters(api: Api, good_file: bytes) -> None:
     file_id = api.upload(good_file)["id"]
     ids = [api.create_job(file_id, metadata={"n": str(i % 2)}).json()["id"] for i in range(5)]
