@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 
-from tunelab.service.db import normalise_url
+from tunelab.service.db import Base, normalise_url
 from tunelab.service.store import Store
 
 ROOT = Path(__file__).parents[1]
@@ -53,12 +53,19 @@ def postgres_schema_url(schema: str) -> str:
 
 
 def fresh_store(kind: str, tmp: Path) -> Store:
-    """An empty store: PostgreSQL tables are dropped first, as each test starts from nothing."""
+    """An empty store at the newest revision: PostgreSQL tables are dropped first, as each test starts from
+    nothing."""
     store = Store(database_url(kind, tmp), pool_size=4)
     if kind != "sqlite":
-        store.drop_tables()
-    store.create_tables()
+        drop_tables(store.db.engine)
+    store.upgrade()
     return store
+
+
+def drop_tables(engine: Engine) -> None:
+    Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
 
 
 def chat_file(path: Path, n: int = 40) -> Path:

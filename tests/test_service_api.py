@@ -55,7 +55,7 @@ def _api(tmp: Path, tiny_llama_dir: Path, kind: str, more_models: dict[str, Path
     settings = ServiceSettings(data_dir=tmp / "svc", models=models, max_line_bytes=4096, max_file_bytes=300_000)
     store = fresh_store(kind, tmp)
     with TestClient(create_app(settings, store)) as client:
-        keys = {name: store.create_key(name)[1] for name in ("a", "b")}
+        keys = {name: store.keys.create(name)[1] for name in ("a", "b")}
         yield Api(client, settings, store, keys)
     store.close()
 
@@ -233,6 +233,16 @@ def test_state_machine_without_workers(api: Api, good_file: bytes) -> None:
     assert events[0] == "Job cancelled" and events[-1].startswith("Validating training file")
 
 
+def test_a_file_is_deletable_once_no_unfinished_job_uses_it(api: Api, good_file: bytes) -> None:
+    file_id = api.upload(good_file)["id"]
+    job = api.create_job(file_id).json()
+    assert _error(api.call("DELETE", f"/files/{file_id}"), 400)["code"] == "file_in_use"
+    assert _error(api.call("DELETE", f"/files/{file_id}", who="b"), 404)["code"] == "file_not_found"
+    api.call("POST", f"/fine_tuning/jobs/{job['id']}/cancel")
+    assert api.call("DELETE", f"/files/{file_id}").json()["deleted"] is True
+    assert api.call("GET", f"/files/{file_id}").status_code == 404
+
+
 def test_list_jobs_pages_and_filters(api: Api, good_file: bytes) -> None:
     file_id = api.upload(good_file)["id"]
     ids = [api.create_job(file_id, metadata={"n": str(i % 2)}).json()["id"] for i in range(5)]
@@ -276,7 +286,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> I
         file_id = api.upload(chat_file(tmp / "train.jsonl").read_bytes())["id"]
         spec = {**FAST, "eval": {"max_examples": 4, "samples": 1}}
         job_id = api.create_job(file_id, suffix="isol", tunelab={"spec": spec}).json()["id"]
-        claimed = api.store.claim("w-test", 60)
+        claimed = api.store.leases.claim("w-test", 60)
         assert claimed is not None and claimed.id == job_id
         Worker(api.settings, "w-test", api.store).run_one(claimed)
         job = api.call("GET", f"/fine_tuning/jobs/{job_id}").json()
@@ -501,7 +511,7 @@ def test_delete_a_pissa_model_removes_all_its_folders(api: Api, good_file: bytes
     """PiSSA also keeps its initial adapter (pissa_init) beside the model: deleting the model removes it too."""
     spec = {"train": {"max_steps": 2, "max_seq_len": 64, "batch_size": 2}, **NO_EVAL}
     job_id = api.create_job(api.upload(good_file)["id"], tunelab={"method": "pissa", "spec": spec}).json()["id"]
-    claimed = api.store.claim("w-test", 60)
+    claimed = api.store.leases.claim("w-test", 60)
     assert claimed is not None and claimed.id == job_id
     Worker(api.settings, "w-test", api.store).run_one(claimed)
     job = api.call("GET", f"/fine_tuning/jobs/{job_id}").json()

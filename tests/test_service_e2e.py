@@ -259,7 +259,7 @@ def _same_as_uninterrupted(live: Live, job_id: str, reference: Reference) -> Non
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference: Reference) -> None:
     job = live.job(LONG, seed=SEED)
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
-    running = live.store.job(job.id)
+    running = live.store.jobs.by_id(job.id)
     assert running is not None and running.lease_owner
     os.kill(int(running.lease_owner.rsplit("-", 1)[1]), signal.SIGKILL)
     live.wait(job.id, lambda j: j.status == "succeeded")
@@ -294,7 +294,7 @@ def test_restart_loses_nothing_and_the_job_resumes(live: Live, tiny_llama_dir: P
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
     before = _snapshot(live.client, job.id)
     assert live.service.stop() == 0  # the worker checkpoints and queues the job again before the service exits
-    stored = live.store.job(job.id)
+    stored = live.store.jobs.by_id(job.id)
     assert stored is not None and stored.status == "queued"
     with live_service(live.service.data_dir, {"tiny": tiny_llama_dir}, live.database) as service:
         again = OpenAI(base_url=service.url, api_key=live.client.api_key, max_retries=0)

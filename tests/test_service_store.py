@@ -35,7 +35,7 @@ def _file(store: Store, project: str) -> FileRow:
         path="/dev/null",
         deleted=False,
     )
-    return store.add_file(row)
+    return store.files.add(row)
 
 
 def _job(store: Store, project: str, status: str = "queued", meta: dict[str, str] | None = None) -> JobRow:
@@ -55,22 +55,22 @@ def _job(store: Store, project: str, status: str = "queued", meta: dict[str, str
         last_step=0,
         keep_checkpoints=3,
     )
-    return store.add_job(row, [Event("created")])
+    return store.jobs.add(row, [Event("created")])
 
 
 def test_keys_are_stored_hashed_and_map_to_their_project(store: Store) -> None:
-    project, key = store.create_key("alpha")
-    again, key2 = store.create_key("alpha")
-    other, _ = store.create_key("beta")
+    project, key = store.keys.create("alpha")
+    again, key2 = store.keys.create("alpha")
+    other, _ = store.keys.create("beta")
     assert again.id == project.id and other.id != project.id and key != key2
-    found = store.project_for_key(key)
+    found = store.keys.project_for(key)
     assert found is not None and found.id == project.id
-    assert store.project_for_key(key + "x") is None
-    with store.engine.connect() as conn:
+    assert store.keys.project_for(key + "x") is None
+    with store.db.engine.connect() as conn:
         stored = [row[0] for row in conn.execute(text("SELECT key_hash FROM api_keys"))]
     assert key not in stored and all(len(h) == 64 for h in stored)
-    key_id = next(k.id for k, p in store.list_keys() if p.id == other.id)
-    assert store.revoke_key(key_id) and not store.revoke_key(key_id)
+    key_id = next(k.id for k, p in store.keys.all() if p.id == other.id)
+    assert store.keys.revoke(key_id) and not store.keys.revoke(key_id)
 
 
 def test_one_claim_per_job_even_when_workers_race(store: Store) -> None:
@@ -78,7 +78,7 @@ def test_one_claim_per_job_even_when_workers_race(store: Store) -> None:
     claimed: list[str] = []
 
     def worker(name: str) -> None:
-        while (job := store.claim(name, 30)) is not None:
+        while (job := store.leases.claim(name, 30)) is not None:
             claimed.append(job.id)
 
     threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
@@ -92,37 +92,37 @@ def test_one_claim_per_job_even_when_workers_race(store: Store) -> None:
 def test_expired_lease_requeues_then_fails_after_max_attempts(store: Store) -> None:
     job = _job(store, "p")
     for attempt in (1, 2):
-        claimed = store.claim(f"w{attempt}", lease_s=0.05)
+        claimed = store.leases.claim(f"w{attempt}", lease_s=0.05)
         assert claimed is not None and claimed.id == job.id and claimed.attempts == attempt
-        assert store.expire_leases(max_attempts=2) == []  # not expired yet
+        assert store.leases.expire(max_attempts=2) == []  # not expired yet
         time.sleep(0.1)
-        assert store.expire_leases(max_attempts=2) == [job.id]
-    final = store.job(job.id)
+        assert store.leases.expire(max_attempts=2) == [job.id]
+    final = store.jobs.by_id(job.id)
     assert final is not None and final.status == "failed" and final.finished_at is not None
-    messages = [e.message for e in store.list_events("p", job.id, None, 10).items]
+    messages = [e.message for e in store.jobs.events("p", job.id, None, 10).items]
     assert any("queued again" in m for m in messages) and any("failed" in m for m in messages)
 
 
 def test_heartbeat_renews_reports_control_and_detects_a_lost_lease(store: Store) -> None:
     job = _job(store, "p")
-    assert store.claim("w1", 30) is not None
-    held, control = store.heartbeat(job.id, "w1", 30, Progress([Event("step", type="metrics")], last_step=3))
+    assert store.leases.claim("w1", 30) is not None
+    held, control = store.leases.heartbeat(job.id, "w1", 30, Progress([Event("step", type="metrics")], last_step=3))
     assert held and control is None
-    assert store.request_control(job.id, "pause", Event("pause requested"))
-    assert store.heartbeat(job.id, "w1", 30, Progress()) == (True, "pause")
-    assert store.heartbeat(job.id, "intruder", 30, Progress()) == (False, None)
+    assert store.jobs.request_control(job.id, "pause", Event("pause requested"))
+    assert store.leases.heartbeat(job.id, "w1", 30, Progress()) == (True, "pause")
+    assert store.leases.heartbeat(job.id, "intruder", 30, Progress()) == (False, None)
     # The worker dies with a pause pending: the job is paused, not re-run.
-    assert store.expire_leases(3, owner="w1") == [job.id]
-    paused = store.job(job.id)
+    assert store.leases.expire(3, owner="w1") == [job.id]
+    paused = store.jobs.by_id(job.id)
     assert paused is not None and paused.status == "paused" and paused.last_step == 3
 
 
 def test_release_is_only_for_the_lease_holder(store: Store) -> None:
     job = _job(store, "p")
-    store.claim("w1", 30)
-    assert not store.release(job.id, "w2", "succeeded", [])
-    assert store.release(job.id, "w1", "succeeded", [Event("done")], fine_tuned_model="ft:x")
-    done = store.job(job.id)
+    store.leases.claim("w1", 30)
+    assert not store.leases.release(job.id, "w2", "succeeded", [])
+    assert store.leases.release(job.id, "w1", "succeeded", [Event("done")], fine_tuned_model="ft:x")
+    done = store.jobs.by_id(job.id)
     assert done is not None and done.status == "succeeded" and done.lease_owner is None
 
 
@@ -132,31 +132,31 @@ def test_pages_follow_the_cursor_without_gaps_or_repeats(store: Store) -> None:
     seen: list[str] = []
     after = None
     while True:
-        page = store.list_jobs("p", after, 3, None, False)
+        page = store.jobs.page("p", after, 3, None, False)
         seen += [j.id for j in page.items]
         if not page.has_more:
             break
         after = page.items[-1].id
     assert seen == ids[::-1]  # newest first, as OpenAI lists jobs
     foreign = _job(store, "other").id
-    assert store.list_jobs("p", foreign, 3, None, False).items == []  # another project's cursor gives nothing
+    assert store.jobs.page("p", foreign, 3, None, False).items == []  # another project's cursor gives nothing
 
 
 def test_metadata_filter(store: Store) -> None:
     a = _job(store, "p", meta={"team": "x", "env": "prod"})
     b = _job(store, "p", meta={"team": "y"})
     c = _job(store, "p")
-    assert [j.id for j in store.list_jobs("p", None, 10, {"team": "x"}, False).items] == [a.id]
-    assert [j.id for j in store.list_jobs("p", None, 10, {"team": "x", "env": "dev"}, False).items] == []
-    assert [j.id for j in store.list_jobs("p", None, 10, {"team": "y"}, False).items] == [b.id]
-    assert [j.id for j in store.list_jobs("p", None, 10, None, True).items] == [c.id]
+    assert [j.id for j in store.jobs.page("p", None, 10, {"team": "x"}, False).items] == [a.id]
+    assert [j.id for j in store.jobs.page("p", None, 10, {"team": "x", "env": "dev"}, False).items] == []
+    assert [j.id for j in store.jobs.page("p", None, 10, {"team": "y"}, False).items] == [b.id]
+    assert [j.id for j in store.jobs.page("p", None, 10, None, True).items] == [c.id]
 
 
 def test_objects_are_scoped_to_their_project(store: Store) -> None:
     mine = _file(store, "p")
-    assert store.get_file("p", mine.id) is not None
-    assert store.get_file("q", mine.id) is None
-    assert store.delete_file("q", mine.id) is None
+    assert store.files.get("p", mine.id) is not None
+    assert store.files.get("q", mine.id) is None
+    assert store.files.delete("q", mine.id) is None
     job = _job(store, "p")
-    assert store.get_job("q", job.id) is None and store.get_job("p", job.id) is not None
-    assert store.list_files("q", None, False, None, 10).items == []
+    assert store.jobs.get("q", job.id) is None and store.jobs.get("p", job.id) is not None
+    assert store.files.page("q", None, False, None, 10).items == []

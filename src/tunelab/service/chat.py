@@ -36,15 +36,15 @@ def find_target(settings: ServiceSettings, store: Store, project_id: str, name: 
     bases = settings.base_models()
     if name in bases:
         return Target(name, bases[name])
-    model = store.get_model(project_id, name)
+    model = store.models.get(project_id, name)
     if model is not None:
-        job = store.job(model.job_id)
+        job = store.jobs.by_id(model.job_id)
         assert job is not None  # a model row is written in the same transaction as its job's success
         folder = Path(model.path)
         return Target(name, job.spec["model"]["name"], folder, merged=folder.name == "merged")
-    checkpoint = store.checkpoint_model(project_id, name)
+    checkpoint = store.models.checkpoint(project_id, name)
     if checkpoint is not None:
-        job = store.job(checkpoint.job_id)
+        job = store.jobs.by_id(checkpoint.job_id)
         assert job is not None
         return Target(name, job.spec["model"]["name"], checkpoint=Path(checkpoint.path), spec=job.spec)
     raise not_found("model", name, "model")

@@ -6,12 +6,13 @@ Mounted by the main CLI as a sub-app; also runnable alone as `python -m tunelab.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.errors import TunelabError
 from tunelab.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -93,7 +94,10 @@ def service(
         worker_nice=worker_nice,
         torch_threads=torch_threads,
     )
-    serve(settings, console, stop_timeout)
+    try:
+        serve(settings, console, stop_timeout)
+    except TunelabError as exc:
+        _fail(exc)
 
 
 def _store(data_dir: Path, database: str | None) -> Store:
@@ -102,8 +106,17 @@ def _store(data_dir: Path, database: str | None) -> Store:
     settings = _settings(data_dir, database)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.database_url, pool_size=1)
-    store.create_tables()
+    try:
+        store.upgrade()
+    except TunelabError as exc:
+        _fail(exc)
     return store
+
+
+def _fail(error: TunelabError) -> NoReturn:
+    """A database this release cannot upgrade, for one: one clear message rather than a traceback."""
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(2)
 
 
 @keys_app.command("create")
@@ -115,7 +128,7 @@ def keys_create(
 ) -> None:
     """Create an API key; it is printed once (only its hash is stored)."""
     store = _store(data_dir, database)
-    proj, key = store.create_key(project, name)
+    proj, key = store.keys.create(project, name)
     console.print(f"project {proj.name} ({proj.id}): new key below; it is shown only once")
     out.print(key, soft_wrap=True)
 
@@ -125,7 +138,7 @@ def keys_list(data_dir: DataDirOpt = Path("tunelab-service"), database: Database
     """List keys (id, project, first characters, revoked or not)."""
     store = _store(data_dir, database)
     table = Table("key id", "project", "starts with", "name", "revoked")
-    for key, proj in store.list_keys():
+    for key, proj in store.keys.all():
         table.add_row(key.id, proj.name, key.hint + "…", key.name, "yes" if key.revoked_at else "")
     out.print(table)
 
@@ -138,7 +151,7 @@ def keys_revoke(
 ) -> None:
     """Revoke a key: requests with it are refused from now on."""
     store = _store(data_dir, database)
-    if not store.revoke_key(key_id):
+    if not store.keys.revoke(key_id):
         console.print(f"[red]error:[/] no active key {key_id}")
         raise typer.Exit(1)
     console.print(f"revoked {key_id}")

@@ -1,6 +1,7 @@
-"""The service's tables and engines: SQLite in WAL mode by default (nothing to install), PostgreSQL by URL.
+"""The service's tables and its database connection: SQLite in WAL mode by default (nothing to install), PostgreSQL
+by URL. The tables change only through migrations (`migrations/`): a change here needs a new revision there.
 
-Every object row carries its project id, and every query in `store.py` filters on it: that is the tenancy boundary.
+Every object row carries its project id, and every query in `store/` filters on it: that is the tenancy boundary.
 Rows are ordered by `seq` (an increasing integer), which makes cursor pagination exact even within one second.
 """
 
@@ -158,7 +159,8 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, pool_size: int = 10) -> Engine:
+def connect_database(url: str, pool_size: int = 10) -> Engine:
+    """A connection pool to the service's database (SQLAlchemy calls it an engine; it is not a training engine)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url, pool_size)

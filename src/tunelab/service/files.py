@@ -1,11 +1,12 @@
 """Uploaded files: saved under their id (the user's name is only metadata), size-limited, validated off the
-request path with tunelab's OpenAI-style data checks."""
+request path with tunelab's OpenAI-style data checks; deleted only when no unfinished job uses them."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,14 +16,16 @@ from tunelab.data.readers import iter_jsonl
 from tunelab.data.validate import validate_chat_file
 from tunelab.errors import Problem
 from tunelab.service.db import FileRow
-from tunelab.service.errors import ApiError
+from tunelab.service.errors import ApiError, bad_request, not_found
 from tunelab.service.ids import new_id, now
+from tunelab.service.jobs import advance_validating
 from tunelab.service.settings import ServiceSettings
-from tunelab.service.store import Store
+from tunelab.service.store import Page, Store
 
 _UNSAFE = re.compile(r"[^\w. -]+")  # letters of any script stay; controls, slashes and quotes go
 _LINE = re.compile(r":(\d+)")
 CHUNK = 2**20
+PURPOSE = "fine-tune"  # the only purpose this service has a use for
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,43 @@ def sanitise_filename(name: str | None) -> str:
     return base[:200] or "upload.jsonl"
 
 
+def get_file(store: Store, project_id: str, file_id: str) -> FileRow:
+    row = store.files.get(project_id, file_id)
+    if row is None:
+        raise not_found("file", file_id)
+    return row
+
+
+def list_files(
+    store: Store, project_id: str, purpose: str | None, ascending: bool, after: str | None, limit: int
+) -> Page[FileRow]:
+    return store.files.page(project_id, purpose, ascending, after, limit)
+
+
+def delete_file(store: Store, project_id: str, file_id: str) -> None:
+    """Mark the file deleted and remove its content, unless a job that has not ended trains on it."""
+    get_file(store, project_id, file_id)  # another project's file is a 404, not a "file in use"
+    if store.files.in_use(file_id):
+        raise bad_request("file_in_use", f"File {file_id} is used by an active fine-tuning job.", "file_id")
+    row = store.files.delete(project_id, file_id)
+    if row is None:  # deleted by a concurrent request since the lookup
+        raise not_found("file", file_id)
+    delete_file_content(row)
+
+
+def validate_uploaded(settings: ServiceSettings, store: Store, rows: Iterable[FileRow]) -> None:
+    """Validate the files, then move on the jobs that were waiting for them."""
+    for row in rows:
+        validate_stored_file(store, row, settings.max_line_bytes)
+    advance_validating(settings, store)
+
+
 def save_upload(
     settings: ServiceSettings, store: Store, project_id: str, stream: BinaryIO, filename: str | None, purpose: str
 ) -> FileRow:
     """Copy the upload to the artefact folder, refusing it past the size limit, and record it as `uploaded`."""
+    if purpose != PURPOSE:
+        raise bad_request("invalid_purpose", f"purpose {purpose!r} is not supported here: use {PURPOSE!r}.", "purpose")
     file_id = new_id("file")
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     # Stored by id, never by the user's name; the extension tells tunelab's readers the format.
@@ -61,7 +97,7 @@ def save_upload(
         path=str(target),
         deleted=False,
     )
-    return store.add_file(row)
+    return store.files.add(row)
 
 
 def _copy_limited(stream: BinaryIO, target: Path, limit: int) -> int:
@@ -99,7 +135,7 @@ def _first_row_is_pair(path: Path) -> bool:
 def validate_stored_file(store: Store, row: FileRow, max_line_bytes: int) -> FileCheck:
     check = check_file(Path(row.path), max_line_bytes)
     status = "processed" if check.ok else "error"
-    store.finish_file_validation(row.id, status, check.details, check.problems, check.n_examples)
+    store.files.finish_validation(row.id, status, check.details, check.problems, check.n_examples)
     return check
 
 

@@ -10,12 +10,12 @@ from typing import Any
 
 from tunelab.config import JobSpec, TrainSpec, load_spec
 from tunelab.errors import ConfigError, Problem
-from tunelab.service.db import FileRow, JobRow
+from tunelab.service.db import CheckpointRow, EventRow, FileRow, JobRow
 from tunelab.service.errors import ApiError, bad_request, not_found
 from tunelab.service.ids import new_id, now
 from tunelab.service.schemas import Hyperparameters, JobCreate
 from tunelab.service.settings import MODEL_NAME, ServiceSettings
-from tunelab.service.store import Event, Store
+from tunelab.service.store import Event, Page, Store
 
 DEFAULT_LR: float = TrainSpec.model_fields["lr"].default
 # The training loop keeps every checkpoint; the service prunes them itself, after recording each one as a model.
@@ -52,7 +52,7 @@ def create_job(settings: ServiceSettings, store: Store, project_id: str, req: Jo
         keep_checkpoints=keep,
     )
     files = train_file.id + (f" and validation file: {val_file.id}" if val_file else "")
-    store.add_job(row, [Event(f"Validating training file: {files}")])
+    store.jobs.add(row, [Event(f"Validating training file: {files}")])
     advance_validating(settings, store)
     return get_job(store, project_id, job_id)
 
@@ -105,40 +105,60 @@ def resolved_hyperparameters(spec: JobSpec) -> dict[str, Any]:
 
 def advance_validating(settings: ServiceSettings, store: Store) -> None:
     """Queue (or fail) every job whose files have finished validating. Idempotent: any process may call it."""
-    for job in store.jobs_validating():
+    for job in store.jobs.validating():
         outcome = _files_outcome(settings, store, job)
         if isinstance(outcome, str):  # "pending": a file is still validating
             continue
         if outcome is None:
             queued = Event("Files validated, moving job to queued state")
-            store.transition(job.id, ["validating_files"], "queued", [queued])
+            store.jobs.transition(job.id, ["validating_files"], "queued", [queued])
         else:
             event = Event(f"Job failed: {outcome['message']}", level="error")
-            store.transition(job.id, ["validating_files"], "failed", [event], error=outcome, finished_at=now())
+            store.jobs.transition(job.id, ["validating_files"], "failed", [event], error=outcome, finished_at=now())
 
 
 def get_job(store: Store, project_id: str, job_id: str) -> JobRow:
-    job = store.get_job(project_id, job_id)
+    job = store.jobs.get(project_id, job_id)
     if job is None:
         raise not_found("fine_tuning_job", job_id)
     return job
 
 
+def list_jobs(
+    store: Store, project_id: str, after: str | None, limit: int, metadata: dict[str, str], null_metadata: bool
+) -> Page[JobRow]:
+    return store.jobs.page(project_id, after, limit, metadata, null_metadata)
+
+
+def list_events(store: Store, project_id: str, job_id: str, after: str | None, limit: int) -> Page[EventRow]:
+    page = store.jobs.events(project_id, job_id, after, limit)
+    if page is None:
+        raise not_found("fine_tuning_job", job_id)
+    return page
+
+
+def list_checkpoints(store: Store, project_id: str, job_id: str, after: str | None, limit: int) -> Page[CheckpointRow]:
+    page = store.models.checkpoints(project_id, job_id, after, limit)
+    if page is None:
+        raise not_found("fine_tuning_job", job_id)
+    return page
+
+
 def cancel_job(store: Store, project_id: str, job_id: str) -> JobRow:
     job = get_job(store, project_id, job_id)
     idle = ["validating_files", "queued", "paused"]
-    if not store.transition(job.id, idle, "cancelled", [Event("Job cancelled")], finished_at=now()):
+    if not store.jobs.transition(job.id, idle, "cancelled", [Event("Job cancelled")], finished_at=now()):
         asked = Event("Cancellation requested; the job stops after the current step")
-        if not store.request_control(job.id, "cancel", asked):
+        if not store.jobs.request_control(job.id, "cancel", asked):
             raise _state_error(store, project_id, job_id, "cancelled")
     return get_job(store, project_id, job_id)
 
 
 def pause_job(store: Store, project_id: str, job_id: str) -> JobRow:
     job = get_job(store, project_id, job_id)
-    if not store.transition(job.id, ["queued"], "paused", [Event("Job paused")]):
+    if not store.jobs.transition(job.id, ["queued"], "paused", [Event("Job paused")]):
         asked = Event("Pause requested; the job saves a checkpoint after the current step and pauses")
-        if not store.request_control(job.id, "pause", asked):
+        if not store.jobs.request_control(job.id, "pause", asked):
             raise _state_error(store, project_id, job_id, "paused")
     return get_job(store, project_id, job_id)
 
@@ -146,7 +166,7 @@ def pause_job(store: Store, project_id: str, job_id: str) -> JobRow:
 def resume_job(store: Store, project_id: str, job_id: str) -> JobRow:
     job = get_job(store, project_id, job_id)
     event = Event("Job resumed; it is queued and continues from its last checkpoint")
-    if not store.transition(job.id, ["paused"], "queued", [event]):
+    if not store.jobs.transition(job.id, ["paused"], "queued", [event]):
         raise _state_error(store, project_id, job_id, "resumed")
     return get_job(store, project_id, job_id)
 
@@ -179,7 +199,7 @@ def _check_suffix(suffix: str | None) -> None:
 
 
 def _usable_file(store: Store, project_id: str, file_id: str, param: str) -> FileRow:
-    row = store.get_file(project_id, file_id)
+    row = store.files.get(project_id, file_id)
     if row is None:  # missing, deleted, or another project's: the same 404, so ids do not leak across tenants
         raise not_found("file", file_id, param)
     if row.purpose != "fine-tune":
@@ -287,7 +307,7 @@ def _files_outcome(settings: ServiceSettings, store: Store, job: JobRow) -> str 
     if job.validation_file:
         wanted.append(("validation_file", job.validation_file, 1))
     for param, file_id, minimum in wanted:
-        row = store.get_file(job.project_id, file_id)
+        row = store.files.get(job.project_id, file_id)
         if row is None:
             return {"code": "invalid_file", "message": f"File {file_id} was deleted.", "param": param}
         if row.status == "uploaded":

@@ -54,7 +54,7 @@ class EventLog:
                 self.total_steps = make_plan(int(found.group(1)), self.spec.train).total_steps
         if events:
             self.before_write()  # steps and checkpoints first, so events keep the order things happened in
-            self.store.add_events(self.job_id, events)
+            self.store.jobs.add_events(self.job_id, events)
         return len(text)
 
     def flush(self) -> None:
@@ -120,7 +120,7 @@ class Monitor:
         out = Path(log.spec.output_dir)
         self.metrics = MetricsTail(out / "metrics.jsonl", job.last_step)
         self.checkpoints = out / "checkpoints"
-        self.known_steps = store.checkpoint_steps(job.id)
+        self.known_steps = store.models.checkpoint_steps(job.id)
         self.history: dict[int, dict[str, Any]] = {}
         self.last_row: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -163,9 +163,12 @@ class Monitor:
             progress.events = progress.events[len(done) :]
             if done:  # with the step count in the same transaction: a resumed run must not report them again
                 last = (done[-1].data or {})["step"]
-                self.store.heartbeat(self.job.id, self.worker_id, self.settings.lease_s, Progress(done, last_step=last))
+                self._heartbeat(Progress(done, last_step=last))
             self._add_checkpoint(path, step)
-        return self.store.heartbeat(self.job.id, self.worker_id, self.settings.lease_s, progress)
+        return self._heartbeat(progress)
+
+    def _heartbeat(self, progress: Progress) -> tuple[bool, str | None]:
+        return self.store.leases.heartbeat(self.job.id, self.worker_id, self.settings.lease_s, progress)
 
     def _progress(self) -> Progress:
         rows = self.metrics.read()
@@ -191,7 +194,7 @@ class Monitor:
     def _add_checkpoint(self, path: Path, step: int) -> None:
         self.known_steps.add(step)
         event = Event(f"Checkpoint created at step {step}", data={"step": step})
-        for old in self.store.add_checkpoint(self._checkpoint_row(path, step), self.job.keep_checkpoints, event):
+        for old in self.store.models.add_checkpoint(self._checkpoint_row(path, step), self.job.keep_checkpoints, event):
             remove_tree(Path(old))
 
     def _checkpoint_row(self, path: Path, step: int) -> CheckpointRow:

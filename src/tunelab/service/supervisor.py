@@ -82,7 +82,7 @@ class Supervisor:
     def _lost(self, slot: Slot, code: int) -> None:
         slot.log.close()
         # This worker is certainly dead: its job need not wait for the lease to expire.
-        requeued = self.store.expire_leases(self.settings.max_attempts, owner=slot.worker_id)
+        requeued = self.store.leases.expire(self.settings.max_attempts, owner=slot.worker_id)
         jobs = f"; job {', '.join(requeued)} re-queued" if requeued else ""
         self.console.print(f"[yellow]worker {slot.worker_id} exited with code {code}{jobs}[/]")
 
@@ -100,7 +100,7 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     slot.process.kill()
                     slot.process.wait()
-                    self.store.expire_leases(self.settings.max_attempts, owner=slot.worker_id)
+                    self.store.leases.expire(self.settings.max_attempts, owner=slot.worker_id)
                 slot.log.close()
 
     def status(self) -> list[dict[str, object]]:
@@ -111,7 +111,7 @@ class Supervisor:
 def serve(settings: ServiceSettings, console: Console, stop_timeout_s: float = 120.0) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.database_url, pool_size=20)
-    store.create_tables()
+    store.upgrade()
     (settings.data_dir / "service.json").write_text(json.dumps(_describe(settings), indent=1), encoding="utf-8")
     supervisor = Supervisor(settings, store, console)
     supervisor.start()

@@ -77,8 +77,8 @@ class Worker:
         while not self.stopping.is_set():
             if self._orphaned():
                 break
-            self.store.expire_leases(self.settings.max_attempts)
-            job = self.store.claim(self.id, self.settings.lease_s)
+            self.store.leases.expire(self.settings.max_attempts)
+            job = self.store.leases.claim(self.id, self.settings.lease_s)
             if job is None:
                 self.stopping.wait(self.settings.poll_s)
                 continue
@@ -103,7 +103,7 @@ class Worker:
         self._stop_reason, self._absorbed_at, self._resent = None, None, False
         resume_from = latest_checkpoint(Path(spec.output_dir) / "checkpoints")
         started = f"Resuming from checkpoint {resume_from.name}" if resume_from else "Fine-tuning job started"
-        self.store.add_events(job.id, [Event(started, data={"worker": self.id, "attempt": job.attempts})])
+        self.store.jobs.add_events(job.id, [Event(started, data={"worker": self.id, "attempt": job.attempts})])
         event_log = EventLog(self.store, job.id, spec)
         console = Console(file=event_log, force_terminal=False, color_system=None, width=400)  # type: ignore[arg-type]
         summary: RunSummary | None = None
@@ -167,7 +167,7 @@ class Worker:
         else:
             assert summary is not None  # narrowed for mypy: no error means run_job returned
             return self._succeed(job, summary, reason)
-        self.store.release(job.id, self.id, outcome.status, outcome.events, **outcome.values)
+        self.store.leases.release(job.id, self.id, outcome.status, outcome.events, **outcome.values)
 
     def _stopped(self, reason: str, step: int) -> Outcome:
         status = STOPPED_STATUS[reason]
@@ -176,7 +176,7 @@ class Worker:
 
     def _succeed(self, job: JobRow, summary: RunSummary, reason: str | None) -> None:
         if reason == "cancel":  # asked while evaluating or exporting: the user's cancel still wins
-            self.store.release(job.id, self.id, "cancelled", [Event("Job cancelled")], finished_at=now())
+            self.store.leases.release(job.id, self.id, "cancelled", [Event("Job cancelled")], finished_at=now())
             return
         files = result_files(self.settings, job, summary)
         model = model_row(job, summary)
@@ -185,7 +185,7 @@ class Worker:
             shown = ", ".join(_scored(k, v, summary.before.get(k)) for k, v in summary.after.items())
             events.append(Event(f"Validation after training: {shown}", type="metrics", data=dict(summary.after)))
         events += [Event(f"New fine-tuned model created: {model.id}"), Event("The job has successfully completed")]
-        self.store.release(
+        self.store.leases.release(
             job.id,
             self.id,
             "succeeded",

@@ -1,4 +1,5 @@
-"""The HTTP API. Routes only translate HTTP; the rules live in `jobs.py` / `files.py`, the queries in `store.py`."""
+"""The HTTP API. Routes only translate HTTP; the rules live in `jobs.py`, `files.py` and `models.py`, the queries in
+`store/`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tunelab.service.api import chat, files, jobs, models
 from tunelab.service.api.deps import ServiceContext
 from tunelab.service.errors import ApiError
-from tunelab.service.files import validate_stored_file
-from tunelab.service.jobs import advance_validating
+from tunelab.service.files import validate_uploaded
 from tunelab.service.settings import ServiceSettings
 from tunelab.service.store import Store
 from tunelab.serving.errors import install_error_handlers
@@ -34,7 +34,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         ctx.stream_waiters = anyio.CapacityLimiter(STREAM_WAITERS)
-        ctx.store.create_tables()
+        ctx.store.upgrade()  # `tunelab service` upgraded already; an app made alone (tests, ASGI servers) has not
         # Files uploaded just before a restart may not have been validated: finish them, off the startup path.
         threading.Thread(target=_catch_up, args=(ctx,), daemon=True, name="catch-up").start()
         yield
@@ -64,9 +64,7 @@ def _catch_up(ctx: ServiceContext) -> None:
     gc.collect()
     gc.freeze()
 
-    for row in ctx.store.files_to_validate():
-        validate_stored_file(ctx.store, row, ctx.settings.max_line_bytes)
-    advance_validating(ctx.settings, ctx.store)
+    validate_uploaded(ctx.settings, ctx.store, ctx.store.files.to_validate())
 
 
 def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:

@@ -38,7 +38,7 @@ class ServiceContext:
             return cached[0]
         if len(self._keys) > 10_000:  # bounded: unknown keys are cached too (so guessing is not cheaper)
             self._keys.clear()
-        project = self.store.project_for_key(key)
+        project = self.store.keys.project_for(key)
         self._keys[key] = (project, now + KEY_CACHE_S)
         return project
 

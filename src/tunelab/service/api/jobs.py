@@ -10,7 +10,6 @@ from fastapi import APIRouter, Query, Request, Response
 from tunelab.service import jobs as service
 from tunelab.service.api.deps import ContextDep, ProjectDep
 from tunelab.service.api.views import checkpoint_view, event_view, fast_json, job_view
-from tunelab.service.errors import not_found
 from tunelab.service.schemas import FineTuningJob, JobCheckpoint, JobCreate, JobEvent, ListPage
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -30,7 +29,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     metadata, null_metadata = _metadata_filter(request)
-    page = ctx.store.list_jobs(project.id, after, limit, metadata, null_metadata)
+    page = service.list_jobs(ctx.store, project.id, after, limit, metadata, null_metadata)
     return fast_json(ListPage.of([job_view(r) for r in page.items], page.has_more))
 
 
@@ -72,9 +71,7 @@ def list_events(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> Response:
-    page = ctx.store.list_events(project.id, job_id, after, limit)
-    if page is None:
-        raise not_found("fine_tuning_job", job_id)
+    page = service.list_events(ctx.store, project.id, job_id, after, limit)
     return fast_json(ListPage.of([event_view(r) for r in page.items], page.has_more))
 
 
@@ -86,7 +83,5 @@ def list_checkpoints(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> ListPage[JobCheckpoint]:
-    page = ctx.store.list_checkpoints(project.id, job_id, after, limit)
-    if page is None:
-        raise not_found("fine_tuning_job", job_id)
+    page = service.list_checkpoints(ctx.store, project.id, job_id, after, limit)
     return ListPage.of([checkpoint_view(r) for r in page.items], page.has_more)

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import Response
 from pydantic import BaseModel
 
-from tunelab.service.db import CheckpointRow, EventRow, FileRow, JobRow, ModelRow
+from tunelab.service.db import CheckpointRow, EventRow, FileRow, JobRow
+from tunelab.service.models import ModelInfo
 from tunelab.service.schemas import (
     CheckpointMetrics,
     ErrorInfo,
@@ -111,5 +112,5 @@ def checkpoint_view(row: CheckpointRow) -> JobCheckpoint:
     )
 
 
-def model_view(row: ModelRow) -> ModelObject:
-    return ModelObject(id=row.id, created=int(row.created_at), owned_by=row.project_id)
+def model_view(model: ModelInfo) -> ModelObject:
+    return ModelObject(id=model.id, created=int(model.created_at), owned_by=model.owned_by)
