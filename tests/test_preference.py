@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,7 @@ def _history(run: Path) -> list[dict]:
 def test_dpo_run_learns_to_prefer_the_chosen_answers(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(_spec(tmp_path, tiny_llama_dir))])
     assert result.exit_code == 0, result.output
+    assert re.search(r"reference scoring: (\d+)/\1 rows", result.output)  # the reference pass shows progress
     run = tmp_path / "run"
     steps = _history(run)
     first, last = steps[0], steps[-1]

@@ -5,6 +5,7 @@ The CLI (and later the service's workers) call `run_job` with a validated JobSpe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -92,7 +93,9 @@ def run_job(
     objective = data.objective or CausalLM()
     if data.objective is not None:
         console.print(f"scoring the {data.n_train_examples} training pairs with the reference (the model as loaded)")
-    objective.setup(model, data.train_rows, tokenizer.pad_token_id, spec.train.batch_size)
+    # Minutes on a CPU for a few thousand pairs: rank 0 shows the progress, as evaluation does.
+    with reporting(console, "reference") if world.is_main else contextlib.nullcontext():
+        objective.setup(model, data.train_rows, tokenizer.pad_token_id, spec.train.batch_size)
 
     # Method: wrap the model; report what trains.
     model = apply_method(model, spec.method)

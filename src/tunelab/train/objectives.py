@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tunelab.data.packing import Row, collate, loss_items
 from tunelab.data.render import IGNORE
+from tunelab.train.progress import phase
 
 Forward = Callable[[dict[str, Any], float], Any]  # an engine's forward: (model inputs, num_items) -> output
 
@@ -128,11 +129,13 @@ def score_sequences(
     """(sequence ids, summed log-probabilities) of every sequence in `rows` under `model`, sorted by id."""
     model.eval()
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id, packed=True)
-        logits = model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}, use_cache=False).logits
-        ids, sums = sequence_logps(logits, batch["labels"], batch["segments"])
-        found.append((ids, sums.double()))
+    with phase("scoring", len(rows), "rows") as shown:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id, packed=True)
+            logits = model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}, use_cache=False).logits
+            ids, sums = sequence_logps(logits, batch["labels"], batch["segments"])
+            found.append((ids, sums.double()))
+            shown.advance(len(batch["input_ids"]))
     ids = torch.cat([f[0] for f in found])
     order = ids.argsort()
     return ids[order], torch.cat([f[1] for f in found])[order]
