@@ -70,7 +70,7 @@ def servers(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     store = fresh_store("sqlite", tmp)
     engine = build_engine(str(tiny_llama_dir), name=MODEL)
     with TestClient(serve_app(engine)) as serve_http, TestClient(service_app(settings, store)) as service_http:
-        yield {"serve": Server(serve_http, "unused"), "service": Server(service_http, store.create_key("compat")[1])}
+        yield {"serve": Server(serve_http, "unused"), "service": Server(service_http, store.keys.create("compat")[1])}
     store.close()
 
 
