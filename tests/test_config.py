@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,15 @@ def test_scenarios_and_their_head_variants_come_from_the_registry() -> None:
 def test_a_scenario_is_registered_once() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         register_scenario(ScenarioInfo("chat", type(get_task("chat"))))
+
+
+@pytest.mark.parametrize("package", ["methods", "tasks"])
+def test_registered_modules_do_not_import_their_package(package: str) -> None:
+    """A method family or scenario module importing its package (which imports it to register it) is the cycle
+    the registry modules remove: each imports `registry` (and `base`) instead."""
+    for path in sorted((ROOT / "src/tunelab" / package).glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert f"tunelab.{package}" not in imported, f"{path.name} imports tunelab.{package}"
