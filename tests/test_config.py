@@ -6,10 +6,12 @@ import ast
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
-from tunelab.config import MethodSpec, load_spec
+from tunelab.config import JobSpec, MethodSpec, load_spec
 from tunelab.errors import ConfigError
+from tunelab.methods import get_method
 from tunelab.tasks import ScenarioInfo, get_task, head_scenarios, register_scenario, scenario_names
 
 ROOT = Path(__file__).parents[1]
@@ -148,3 +150,22 @@ def test_registered_modules_do_not_import_their_package(package: str) -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert f"tunelab.{package}" not in imported, f"{path.name} imports tunelab.{package}"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "prompt_tuning"])
+def test_a_dumped_spec_loads_back_with_the_method_s_settings_only(method: str, tmp_path: Path) -> None:
+    spec = load_spec(None, [f"method.name={method}", f"data.train={ROOT / 'data/chat/train.jsonl'}"])
+    dumped = spec.model_dump(mode="json")
+    assert set(dumped["method"]) == {"name"} | get_method(method).settings
+    assert JobSpec.model_validate(dumped) == spec
+    saved = _write(tmp_path, yaml.safe_dump(dumped))  # as the run folder's spec.yaml
+    assert load_spec(saved) == spec
+
+
+def test_a_job_spec_stored_with_every_method_field_still_loads() -> None:
+    """Older versions stored every field of `method`: at their defaults, the other methods' settings change nothing."""
+    stored = {"name": "full", "r": 16, "alpha": 32.0, "dropout": 0.05, "target_modules": None}
+    stored |= {"num_virtual_tokens": 16, "bits": 4, "compute_dtype": "fp32", "dora": False}
+    assert MethodSpec.model_validate(stored).name == "full"
+    with pytest.raises(ValidationError, match=r"method\.r: not a setting of full"):
+        MethodSpec.model_validate(stored | {"r": 8})

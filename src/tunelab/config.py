@@ -16,10 +16,12 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -57,16 +59,32 @@ class MethodSpec(_Spec):
 
     @model_validator(mode="after")
     def _only_settings_of_the_method(self) -> MethodSpec:
-        # Only the fields given count (model_fields_set): every method carries every default, harmlessly. load_spec
-        # reports these per setting before validating; this guards a MethodSpec built in code.
-        if not self.model_fields_set - {"name"}:
+        # load_spec refuses any setting of another method, per setting, before validating. Here (a MethodSpec
+        # built in code, or a job spec stored by an older version, which dumped every field) a setting at its
+        # default changes nothing, so only one set to another value is refused.
+        changed = {f for f in self.model_fields_set - {"name"} if getattr(self, f) != _default(f)}
+        if not changed:
             return self  # nothing to check, and importing config (`MethodSpec()` defaults) stays light
         from tunelab.methods import foreign_settings
 
-        problems = foreign_settings(self.name, self.model_fields_set)
+        problems = foreign_settings(self.name, changed)
         if problems:
             raise ValueError("; ".join(str(p) for p in problems))
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump_the_method_s_settings(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The method's own settings only, so that a dumped spec (spec.yaml, the service's stored job) loads back
+        through load_spec, which refuses the settings of other methods."""
+        data: dict[str, Any] = handler(self)
+        from tunelab.methods.registry import method_settings
+
+        settings = method_settings(self.name)
+        return data if settings is None else {k: v for k, v in data.items() if k == "name" or k in settings}
+
+
+def _default(field: str) -> Any:
+    return MethodSpec.model_fields[field].default
 
 
 class TaskSpec(_Spec):

@@ -57,6 +57,12 @@ def get_method(name: str) -> MethodInfo:
     return _REGISTRY[name]
 
 
+def method_settings(name: str) -> frozenset[str] | None:
+    """The settings method `name` reads (besides its name); None for an unknown name."""
+    info = _REGISTRY.get(name)
+    return info.settings if info else None
+
+
 def methods_taking(setting: str) -> list[str]:
     """The methods that read `setting`, for the hint of an error that names a setting the chosen method ignores."""
     return [name for name in method_names() if setting in _REGISTRY[name].settings]
