@@ -358,7 +358,7 @@ def _without_foreign_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list
     from tunelab.methods import foreign_settings
 
     method = raw.get("method")
-    name = method.get("name", MethodSpec.model_fields["name"].default) if isinstance(method, dict) else None
+    name = method.get("name", _default("name")) if isinstance(method, dict) else None
     if not isinstance(method, dict) or not isinstance(name, str):
         return raw, []
     problems = foreign_settings(name, set(method))
