@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from typer.testing import CliRunner
 
 from tunelab.cli import app
+from tunelab.methods import get_method
 
 ROOT = Path(__file__).parents[1]
 runner = CliRunner()
@@ -20,9 +21,11 @@ runner = CliRunner()
 
 def _spec(tmp_path: Path, model_dir: Path, method: str = "lora", steps: int = 8) -> Path:
     spec = tmp_path / "spec.yaml"
+    # A rank and scale for the methods that read them: the spec refuses a setting its method would ignore.
+    settings = ", r: 4, alpha: 8" if "r" in get_method(method).settings else ""
     spec.write_text(
         f"model: {{name: {model_dir}}}\n"
-        f"method: {{name: {method}, r: 4, alpha: 8}}\n"
+        f"method: {{name: {method}{settings}}}\n"
         f"data: {{train: {ROOT / 'data/chat/train.jsonl'}, validation: {ROOT / 'data/chat/validation.jsonl'}}}\n"
         f"train: {{max_steps: {steps}, batch_size: 4, lr: 5.0e-3, max_seq_len: 64}}\n"
         "checkpoints: {every_steps: 4}\n"

@@ -187,7 +187,10 @@ def test_method_trains_the_head_and_reloads_exactly(
     head = "sequence" if scenario == "classification" else "token"
     source = ModelSource(str(tiny_llama_dir))
     torch.manual_seed(0)
-    model = apply_method(load_head_model(source, head, labels, pad_id=2), MethodSpec(name=name, dropout=0.0))
+    settings = {"dropout": 0.0} if "dropout" in get_method(name).settings else {}
+    model = apply_method(
+        load_head_model(source, head, labels, pad_id=2), MethodSpec.model_validate(settings | {"name": name})
+    )
     score = [n for n, p in model.named_parameters() if p.requires_grad and "score" in n]
     assert score, f"{name}: the new head must train"
     with torch.no_grad():  # a trained-looking update: fresh adapters are the identity
@@ -328,6 +331,7 @@ def test_head_run_resumes_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
         first = recipe.run_job(spec, console=Console(quiet=True), stop_after=stop)
         runs[name] = recipe.run_job(spec, resume=True, console=Console(quiet=True)) if first.interrupted else first
     assert runs["stopped"].steps == 4
+
     def scores(metrics: dict[str, float]) -> dict[str, float]:
         return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}  # phase times differ run to run
 

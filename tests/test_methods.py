@@ -35,7 +35,11 @@ ROWS, SEQ_LEN = 4, 48
 
 
 def _spec(name: str) -> MethodSpec:
-    return MethodSpec(name=name, r=8, alpha=16, dropout=0.0)
+    """A small adapter without dropout, from the settings this method reads (the others are refused)."""
+    wanted = {"r": 8, "alpha": 16, "dropout": 0.0}
+    return MethodSpec.model_validate(
+        {"name": name} | {k: v for k, v in wanted.items() if k in get_method(name).settings}
+    )
 
 
 def _load(model_dir: Path) -> PreTrainedModel:

@@ -47,13 +47,15 @@ def _pairs_file(path: Path, n: int = 24) -> Path:
     return path
 
 
-def _spec(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
+def _spec(tmp_path: Path, model_dir: Path, extra: str = "", method: str = "lora") -> Path:
     train = _pairs_file(tmp_path / "train.jsonl")
     val = _pairs_file(tmp_path / "val.jsonl", 6)
     spec = tmp_path / "dpo.yaml"
+    # Full fine-tuning has no rank, scale or adapter dropout: the spec refuses those settings for it.
+    settings = "" if method == "full" else ", r: 8, alpha: 16, dropout: 0.0"
     spec.write_text(
         f"model: {{name: {model_dir}}}\n"
-        "method: {name: lora, r: 8, alpha: 16, dropout: 0.0}\n"
+        f"method: {{name: {method}{settings}}}\n"
         "task: {scenario: preference, beta: 0.1}\n"
         f"data: {{train: {train}, validation: {val}}}\n"
         "train: {max_steps: 6, batch_size: 4, lr: 5.0e-3, max_seq_len: 64, warmup_ratio: 0}\n"
@@ -243,8 +245,8 @@ def test_packing_on_and_off_train_the_same_first_step(tiny_llama_dir: Path, tmp_
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_dpo_with_full_fine_tuning_and_qlora(method: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
     lr = "1.0e-4" if method == "full" else "5.0e-3"
-    spec = _spec(tmp_path, tiny_llama_dir)
-    result = runner.invoke(app, ["train", str(spec), "--set", f"method.name={method}", "--set", f"train.lr={lr}"])
+    spec = _spec(tmp_path, tiny_llama_dir, method=method)
+    result = runner.invoke(app, ["train", str(spec), "--set", f"train.lr={lr}"])
     assert result.exit_code == 0, result.output
     steps = _history(tmp_path / "run")
     assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]

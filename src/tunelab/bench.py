@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from tunelab.errors import TunelabError
+from tunelab.layout import RunLayout
 from tunelab.train.progress import is_step_row
 
 DEFAULT_METHODS = ("lora", "dora", "rslora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "full")
@@ -321,14 +322,15 @@ def _shorten(text: str, limit: int = 200) -> str:
 
 def read_results(base: BenchRow, run_dir: Path, peak_rss_bytes: int) -> BenchRow:
     """The row's numbers, from the files the run wrote."""
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    layout = RunLayout(run_dir)
+    summary = json.loads(layout.summary.read_text(encoding="utf-8"))
+    lines = layout.metrics.read_text(encoding="utf-8").splitlines()
     metrics = [row for row in map(json.loads, lines) if is_step_row(row)]  # not the evaluation rows
     return replace(
         base,
         trainable_params=int(summary["trainable_params"]),
         total_params=int(summary["total_params"]),
-        adapter_bytes=adapter_bytes(run_dir / "adapter"),
+        adapter_bytes=adapter_bytes(layout.adapter),
         peak_rss_bytes=peak_rss_bytes,
         tokens_per_s=steady_tokens_per_s(metrics),
         loss_before=float(summary["before"]["loss"]),
@@ -357,8 +359,9 @@ def adapter_bytes(folder: Path) -> int:
 def _drop_byproducts(run_dir: Path) -> None:
     """The merged model and the checkpoints are not measured; with full fine-tuning on the default model they are
     gigabytes per row."""
-    for name in ("merged", "checkpoints"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    layout = RunLayout(run_dir)
+    for folder in (layout.merged, layout.checkpoints):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _progress(console: Console) -> Progress:

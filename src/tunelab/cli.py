@@ -273,10 +273,11 @@ def export_cmd(
     from tunelab.export.card import run_record, write_card
     from tunelab.export.merge import save_merged
     from tunelab.inference import load_for_inference, run_base_and_adapter
+    from tunelab.layout import RunLayout
     from tunelab.models import base_reference
 
     base_name, adapter_dir = run_base_and_adapter(run, model, adapter)
-    target = out_dir or (run / "merged" if run else Path("merged"))
+    target = out_dir or RunLayout(run or Path()).merged  # without --run or --out: ./merged
     loaded, tokenizer = load_for_inference(base_name, adapter_dir)
     out.print(f"merged model: {save_merged(loaded, tokenizer, target)}")
     out.print(f"model card:   {write_card(target, base_reference(base_name), *run_record(run))}")

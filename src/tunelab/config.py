@@ -16,10 +16,12 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -55,13 +57,38 @@ class MethodSpec(_Spec):
     compute_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="qlora: dtype of the matmuls.")
     dora: bool = Field(False, description="qlora: train a DoRA instead of a LoRA on the quantised base.")
 
+    @model_validator(mode="after")
+    def _only_settings_of_the_method(self) -> MethodSpec:
+        # load_spec refuses any setting of another method, per setting, before validating. Here (a MethodSpec
+        # built in code, or a job spec stored by an older version, which dumped every field) a setting at its
+        # default changes nothing, so only one set to another value is refused.
+        changed = {f for f in self.model_fields_set - {"name"} if getattr(self, f) != _default(f)}
+        if not changed:
+            return self  # nothing to check, and importing config (`MethodSpec()` defaults) stays light
+        from tunelab.methods import foreign_settings
 
-Scenario = Literal["chat", "classification", "ner", "translation", "qa", "domain", "creative", "preference"]
-HEAD_SCENARIOS = ("classification", "ner")  # the scenarios that have a classification-head variant
+        problems = foreign_settings(self.name, changed)
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_the_method_s_settings(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The method's own settings only, so that a dumped spec (spec.yaml, the service's stored job) loads back
+        through load_spec, which refuses the settings of other methods."""
+        data: dict[str, Any] = handler(self)
+        from tunelab.methods.registry import method_settings
+
+        settings = method_settings(self.name)
+        return data if settings is None else {k: v for k, v in data.items() if k == "name" or k in settings}
+
+
+def _default(field: str) -> Any:
+    return MethodSpec.model_fields[field].default
 
 
 class TaskSpec(_Spec):
-    scenario: Scenario = Field("chat", description="What the model learns to do.")
+    scenario: str = Field("chat", description="What the model learns to do; one of the registered scenarios.")
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on system/user tokens (default: assistant/completion only)."
     )
@@ -81,13 +108,27 @@ class TaskSpec(_Spec):
         "or `head` (a classification head on the base model: one label per text, or one BIO tag per word).",
     )
 
+    @field_validator("scenario")
+    @classmethod
+    def _check_scenario(cls, scenario: str) -> str:
+        from tunelab.tasks import scenario_names
+
+        names = scenario_names()
+        if scenario not in names:
+            hint = " ".join(filter(None, [_closest(scenario, names), f"valid scenarios: {', '.join(names)}"]))
+            raise ValueError(f"unknown scenario {scenario!r} ({hint})")
+        return scenario
+
     @field_validator("approach")
     @classmethod
     def _check_approach(cls, approach: str, info: ValidationInfo) -> str:
+        from tunelab.tasks import head_scenarios
+
         scenario = info.data.get("scenario")  # absent when the scenario itself is invalid (reported separately)
-        if approach == "head" and scenario is not None and scenario not in HEAD_SCENARIOS:
+        heads = head_scenarios()
+        if approach == "head" and scenario is not None and scenario not in heads:
             raise ValueError(
-                f"approach 'head' exists for scenario {' and '.join(HEAD_SCENARIOS)}, not {scenario!r}; "
+                f"approach 'head' exists for scenario {' and '.join(heads)}, not {scenario!r}; "
                 "remove task.approach (or set it to generative)"
             )
         return approach
@@ -294,6 +335,8 @@ def load_spec(path: Path | None, overrides: list[str] | None = None, base: dict[
         problem = _apply_override(raw, item)
         if problem:
             problems.append(problem)
+    raw, foreign = _without_foreign_settings(raw)
+    problems.extend(foreign)
     spec = None
     try:
         spec = JobSpec.model_validate(raw)
@@ -307,6 +350,20 @@ def load_spec(path: Path | None, overrides: list[str] | None = None, base: dict[
         raise ConfigError(problems)
     assert spec is not None  # narrowed for mypy: no problems means validation succeeded
     return spec
+
+
+def _without_foreign_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """The raw spec without the method settings its method does not read, and a problem for each: MethodSpec
+    would refuse them too, but as a whole section, and the checks across sections would then not run."""
+    from tunelab.methods import foreign_settings
+
+    method = raw.get("method")
+    name = method.get("name", _default("name")) if isinstance(method, dict) else None
+    if not isinstance(method, dict) or not isinstance(name, str):
+        return raw, []
+    problems = foreign_settings(name, set(method))
+    foreign = {p.where.removeprefix("method.") for p in problems}
+    return {**raw, "method": {k: v for k, v in method.items() if k not in foreign}}, problems
 
 
 def _field_problems(raw: dict[str, Any]) -> list[Problem]:
@@ -352,8 +409,10 @@ def _exists(path: Path) -> bool:
 
 def _cross_field_problems(spec: JobSpec) -> list[Problem]:
     """Checks that need more than one field of a valid spec."""
-    from tunelab.methods import get_method
+    from tunelab.methods import get_method, method_names
 
+    if spec.method.name not in method_names():
+        return []  # reported by _field_problems, with the closest name
     if get_method(spec.method.name).quantized and spec.distributed.strategy.startswith("zero"):
         return [
             Problem(

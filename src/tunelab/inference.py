@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.formats import ChatExample
 from tunelab.data.render import tokenize
 from tunelab.errors import TunelabError
+from tunelab.layout import RunLayout
 from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
 
 
@@ -37,11 +38,11 @@ def load_for_inference(
 def run_base_and_adapter(run: Path | None, model: str | None, adapter: Path | None) -> tuple[str, Path]:
     """(base model name, adapter folder) from a run folder, or from explicit --model/--adapter."""
     if run is not None:
-        spec_file = run / "spec.yaml"
-        if not spec_file.is_file():
-            raise TunelabError(f"{run} is not a tunelab run folder (no spec.yaml)")
-        spec = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
-        return str(spec["model"]["name"]), run / "adapter"
+        layout = RunLayout(run)
+        if not layout.spec.is_file():
+            raise TunelabError(f"{run} is not a tunelab run folder (no {layout.spec.name})")
+        spec = yaml.safe_load(layout.spec.read_text(encoding="utf-8"))
+        return str(spec["model"]["name"]), layout.adapter
     if model is None or adapter is None:
         raise TunelabError("give --run RUN_DIR, or both --model and --adapter")
     return model, adapter

@@ -11,9 +11,7 @@ import importlib.metadata
 import logging
 import os
 import re
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -30,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tunelab.atomic import staged_folder
 from tunelab.errors import ModelError
 
 EMBEDDED = "embedded"
@@ -133,18 +132,10 @@ def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a half-written cache.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    # Written aside and then renamed, so an interrupted conversion never leaves a half-written cache.
+    with staged_folder(target) as staged:
+        plain.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:

@@ -23,6 +23,7 @@ from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmar
 from tunelab.config import JobSpec
 from tunelab.export.card import finish_run_artefacts
 from tunelab.export.merge import save_adapter, save_merged
+from tunelab.layout import RunLayout
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
 from tunelab.report import Sample, confusion_png, write_report
@@ -59,11 +60,12 @@ def run_job(
     console = (console or Console(stderr=True)) if world.is_main else Console(quiet=True)
     started = time.perf_counter()
     out = spec.output_dir
+    layout = RunLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-        (out / "spec.yaml").write_text(spec_text, encoding="utf-8")
-    resume_from = _resume_point(out, resume)
+        layout.spec.write_text(spec_text, encoding="utf-8")
+    resume_from = _resume_point(layout, resume)
     if world.is_main and spec.eval.enabled:
         check_benchmarks(spec)  # a wrong benchmark name fails now, not after training
 
@@ -86,7 +88,7 @@ def run_job(
     before = Evaluation({}, [])
     if world.is_main:
         with all_cores(world):
-            before = _evaluate_once(task, model, tokenizer, data, spec, out / "eval_before.json", console, "before")
+            before = _evaluate_once(task, model, tokenizer, data, spec, layout.eval_before, console, "before")
     barrier(world)  # the other processes wait for rank 0's evaluation
 
     # An objective that needs the untouched model (DPO's reference) sees it now, on every process.
@@ -126,7 +128,7 @@ def run_job(
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)
 
     if spec.distributed.strategy != "none":
-        adapter = _save_gathered(result, tokenizer, out / "adapter", pissa_init, world)
+        adapter = _save_gathered(result, tokenizer, layout.adapter, pissa_init, world)
         if not world.is_main:
             return _summary(spec, None, adapter, None, before, Evaluation({}, []), trainable, total, result, started)
         torch.set_num_threads(os.cpu_count() or 1)  # the other processes are done: rank 0 may use every core
@@ -135,14 +137,14 @@ def run_job(
         after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
     else:
         after = _evaluate(task, model, tokenizer, data, spec, console, "after") if spec.eval.enabled else None
-        adapter = save_adapter(model, tokenizer, out / "adapter", pissa_init)
+        adapter = save_adapter(model, tokenizer, layout.adapter, pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
-    log_benchmarks(out / "metrics.jsonl", before, after, result.state.step)
+    log_benchmarks(layout.metrics, before, after, result.state.step)
     report = _report(spec, source.label, before, after, result, trainable, total, task)
     summary = _summary(
         spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
     )
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1, default=str), encoding="utf-8")
+    layout.summary.write_text(json.dumps(asdict(summary), indent=1, default=str), encoding="utf-8")
     finish_run_artefacts(out)  # portable base name in the adapter; model cards in adapter/ and merged/
     return summary
 
@@ -186,7 +188,7 @@ def _mergeable(spec: JobSpec, console: Console) -> bool:
 def _merge(
     model: torch.nn.Module, source: ModelSource, tokenizer: PreTrainedTokenizerBase, adapter: Path, spec: JobSpec
 ) -> Path:
-    out = spec.output_dir / "merged"
+    out = RunLayout(spec.output_dir).merged
     if not get_method(spec.method.name).quantized:
         return save_merged(model, tokenizer, out)
     # QLoRA: merge into the dequantised weights the adapter was trained against, in fp32.
@@ -196,12 +198,12 @@ def _merge(
     return save_merged(PeftModel.from_pretrained(base, str(adapter)), tokenizer, out)
 
 
-def _resume_point(out: Path, resume: bool) -> Path | None:
+def _resume_point(layout: RunLayout, resume: bool) -> Path | None:
     if not resume:
         return None
-    found = latest_checkpoint(out / "checkpoints")
+    found = latest_checkpoint(layout.checkpoints)
     if found is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        raise FileNotFoundError(f"--resume: no checkpoint in {layout.checkpoints}")
     return found
 
 
@@ -253,7 +255,7 @@ def _save_pissa_init(model: torch.nn.Module, spec: JobSpec, out: Path) -> Path |
     converted to a LoRA for the original base (PEFT's documented procedure)."""
     if spec.method.name != "pissa" or not isinstance(model, PeftModel):
         return None
-    path = out / "pissa_init"
+    path = RunLayout(out).pissa_init
     config: Any = model.peft_config["default"]
     saved_init = config.init_lora_weights
     config.init_lora_weights = True  # stored so that loading the initial adapter does not re-run the SVD

@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tunelab.layout import RunLayout
 from tunelab.metrics import LOWER_IS_BETTER, is_timing
 
 PANEL_WIDTH_IN = 4.0
@@ -65,7 +66,8 @@ def write_report(
     `benchmarks`: metrics drawn together in one grouped before/after bar chart (lm-eval benchmarks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_png(before, after, history, benchmarks)
-    paths = ReportPaths(html=out_dir / "report.html", png=out_dir / "report.png")
+    layout = RunLayout(out_dir)
+    paths = ReportPaths(html=layout.report_html, png=layout.report_png)
     paths.png.write_bytes(png)
     page = _TEMPLATE.render(
         title=title,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from tunelab.layout import RunLayout
 from tunelab.models import EMBEDDED, EMBEDDED_HUB_ID, BaseReference, base_reference
 
 Kind = Literal["adapter", "merged"]
@@ -33,22 +34,23 @@ EMBEDDED_NOTE = (
 
 def finish_run_artefacts(run: Path) -> None:
     """After a run: the adapter names its base portably, and `adapter/` and `merged/` get their model cards."""
-    spec = _read_yaml(run / "spec.yaml")
-    summary = _read_json(run / "summary.json")
+    layout = RunLayout(run)
+    spec = _read_yaml(layout.spec)
+    summary = _read_json(layout.summary)
     ref = base_reference(str(spec["model"]["name"]))
-    adapter = run / "adapter"
-    if adapter.is_dir():
-        record_base(adapter, ref)
-        write_card(adapter, ref, spec, summary)
-    if (run / "merged").is_dir():
-        write_card(run / "merged", ref, spec, summary)
+    if layout.adapter.is_dir():
+        record_base(layout.adapter, ref)
+        write_card(layout.adapter, ref, spec, summary)
+    if layout.merged.is_dir():
+        write_card(layout.merged, ref, spec, summary)
 
 
 def run_record(run: Path | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(spec, summary) of a run folder, for cards written by `tunelab export` (None outside a run)."""
     if run is None:
         return None, None
-    return _read_yaml(run / "spec.yaml"), _read_json(run / "summary.json")
+    layout = RunLayout(run)
+    return _read_yaml(layout.spec), _read_json(layout.summary)
 
 
 def record_base(adapter: Path, ref: BaseReference) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from tunelab.errors import TunelabError
+from tunelab.layout import RunLayout
 
 # soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
 out = Console(soft_wrap=True)
@@ -45,7 +46,7 @@ def _source(run: Path | None, model: Path | None, quant: str, out_file: Path | N
             raise TunelabError(f"--model {model}: not a Hugging Face model folder (no config.json)")
         return model, out_file or Path(f"{model.name}-{quant}.gguf"), None
     assert run is not None
-    merged = run / "merged"
+    merged = RunLayout(run).merged
     if not (merged / "config.json").is_file():
         raise TunelabError(
             f"--run {run}: no merged model in {merged} (the run did not finish, or its method is not mergeable); "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.atomic import publish_folder
 from tunelab.data.render import encode_prompt
 from tunelab.errors import TunelabError
 from tunelab.export.merge import save_merged
@@ -66,9 +66,7 @@ def export_onnx(
         _run_builder(staged, built, precision, Path(tmp) / "cache")
         manifest = {"precision": precision, "model": model, "adapter": str(adapter) if adapter else None}
         (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        built.rename(out)
+        publish_folder(built, out)
     return out
 
 

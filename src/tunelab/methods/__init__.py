@@ -1,54 +1,28 @@
 """Fine-tuning methods, registered by name (as PEFT registers its own).
 
-A method turns a loaded base model into the model the loop trains. Each is a small function; the registry holds
-what the rest of the system needs to know about it (can it merge? does it prepend virtual tokens?).
+A method turns a loaded base model into the model the loop trains. Each is a small function in a family module
+(`full`, `peft_methods`, `qlora`) that registers itself in `tunelab.methods.registry`; importing this package
+imports every family, so the registry is complete once `tunelab.methods` is imported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab.errors import ConfigError, Problem
+from tunelab.methods import full, peft_methods, qlora
+from tunelab.methods.registry import (
+    MethodInfo,
+    foreign_settings,
+    get_method,
+    method_names,
+    methods_taking,
+    register_method,
+)
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSpec
-
-
-Builder = Callable[[torch.nn.Module, "MethodSpec"], torch.nn.Module]
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    build: Builder
-    description: str
-    mergeable: bool = True  # can the update be folded into the base weights?
-    prompt_learning: bool = False  # prepends virtual tokens: packing does not apply
-    peft: bool = True  # False: the model itself is trained and saved (full fine-tuning)
-    quantized: bool = False  # the base is quantised while loading (QLoRA)
-
-
-_REGISTRY: dict[str, MethodInfo] = {}
-
-
-def register_method(info: MethodInfo) -> None:
-    if info.name in _REGISTRY:
-        raise ValueError(f"method {info.name!r} is registered twice")
-    _REGISTRY[info.name] = info
-
-
-def method_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> MethodInfo:
-    if name not in _REGISTRY:
-        raise ConfigError([Problem("method.name", f"unknown method {name!r}", f"valid: {', '.join(method_names())}")])
-    return _REGISTRY[name]
 
 
 def apply_method(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
@@ -63,16 +37,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-# Importing the families registers them.
-from tunelab.methods import full, peft_methods, qlora  # noqa: E402
-
 __all__ = [
     "MethodInfo",
     "apply_method",
     "count_parameters",
+    "foreign_settings",
     "full",
     "get_method",
     "method_names",
+    "methods_taking",
     "peft_methods",
     "qlora",
     "register_method",

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab.methods import MethodInfo, register_method
+from tunelab.methods.registry import MethodInfo, register_method
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSpec
@@ -17,4 +17,6 @@ def _full(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
     return model
 
 
-register_method(MethodInfo("full", _full, "every weight of the model trains", mergeable=True, peft=False))
+register_method(
+    MethodInfo("full", _full, "every weight of the model trains", settings=frozenset(), mergeable=True, peft=False)
+)

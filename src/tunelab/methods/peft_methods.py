@@ -17,7 +17,7 @@ from peft import (
     get_peft_model,
 )
 
-from tunelab.methods import MethodInfo, register_method
+from tunelab.methods.registry import VIRTUAL_TOKEN_SETTINGS, MethodInfo, register_method
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSpec
@@ -121,13 +121,16 @@ for _info in (
         _lora(init_lora_weights="pissa_niter_4"),
         "LoRA initialised from the weight's principal singular vectors (fast SVD)",
     ),
-    MethodInfo("ia3", _ia3, "learned rescaling vectors on keys, values and MLP inputs"),
+    MethodInfo(
+        "ia3", _ia3, "learned rescaling vectors on keys, values and MLP inputs", settings=frozenset({"target_modules"})
+    ),
     MethodInfo("loha", _lycoris(LoHaConfig), "low-rank Hadamard product update"),
     MethodInfo("lokr", _lycoris(LoKrConfig), "low-rank Kronecker product update"),
     MethodInfo(
         "prompt_tuning",
         _prompt_tuning,
         "trainable virtual tokens prepended to the input",
+        settings=VIRTUAL_TOKEN_SETTINGS,
         mergeable=False,
         prompt_learning=True,
     ),
@@ -135,6 +138,7 @@ for _info in (
         "prefix_tuning",
         _prefix_tuning,
         "trainable key/value prefixes in every layer",
+        settings=VIRTUAL_TOKEN_SETTINGS,
         mergeable=False,
         prompt_learning=True,
     ),

@@ -15,8 +15,8 @@ from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_tr
 from transformers import BitsAndBytesConfig
 
 from tunelab.errors import TunelabError
-from tunelab.methods import MethodInfo, register_method
 from tunelab.methods.peft_methods import default_target_modules
+from tunelab.methods.registry import LORA_SETTINGS, MethodInfo, register_method
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSpec
@@ -83,6 +83,7 @@ register_method(
         "qlora",
         _build,
         "LoRA (or DoRA: method.dora) on a 4-bit NF4 (or 8-bit: method.bits) quantised base",
+        settings=LORA_SETTINGS | {"bits", "compute_dtype", "dora"},
         quantized=True,
     )
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import JobSpec
+from tunelab.layout import CheckpointLayout, RunLayout, checkpoint_folders, checkpoint_step
 from tunelab.service.db import CheckpointRow, JobRow
 from tunelab.service.files import remove_tree
 from tunelab.service.ids import new_id, now
@@ -23,7 +24,6 @@ from tunelab.train.progress import is_step_row
 
 logger = logging.getLogger("tunelab.service.monitor")
 _ROWS = re.compile(r" in (\d+) rows ")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def fine_tuned_name(job: JobRow) -> str:
@@ -118,8 +118,9 @@ class Monitor:
         self.settings, self.store, self.job, self.worker_id = settings, store, job, worker_id
         self.log, self.on_tick = log, on_tick
         out = Path(log.spec.output_dir)
-        self.metrics = MetricsTail(out / "metrics.jsonl", job.last_step)
-        self.checkpoints = out / "checkpoints"
+        layout = RunLayout(out)
+        self.metrics = MetricsTail(layout.metrics, job.last_step)
+        self.checkpoints = layout.checkpoints
         self.known_steps = store.models.checkpoint_steps(job.id)
         self.history: dict[int, dict[str, Any]] = {}
         self.last_row: dict[str, Any] | None = None
@@ -187,8 +188,7 @@ class Monitor:
         return progress
 
     def _new_checkpoints(self) -> list[tuple[int, Path]]:
-        found = sorted(p for p in self.checkpoints.glob("step-*") if _STEP_DIR.match(p.name))
-        steps = [(int(p.name.removeprefix("step-")), p) for p in found]
+        steps = [(checkpoint_step(p) or 0, p) for p in checkpoint_folders(self.checkpoints)]
         return [(step, path) for step, path in steps if step not in self.known_steps]
 
     def _add_checkpoint(self, path: Path, step: int) -> None:
@@ -242,7 +242,7 @@ def _eta(row: dict[str, Any], total: int | None) -> float | None:
 
 def _checkpoint_loss(path: Path, step: int) -> float | None:
     try:
-        history = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["history"]
+        history = json.loads(CheckpointLayout(path).trainer_state.read_text(encoding="utf-8"))["history"]
     except (OSError, ValueError, KeyError):
         return None
     return next((float(h["loss"]) for h in history if int(h["step"]) == step), None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 
+from tunelab.atomic import write_atomic
+from tunelab.layout import RunLayout
 from tunelab.recipe import RunSummary
 from tunelab.service.db import FileRow, JobRow, ModelRow
 from tunelab.service.ids import new_id, now
@@ -42,10 +43,10 @@ def results_csv(metrics_path: Path, after: dict[str, float]) -> str:
 
 
 def result_files(settings: ServiceSettings, job: JobRow, summary: RunSummary) -> list[FileRow]:
-    table = results_csv(summary.output_dir / "metrics.jsonl", summary.after)
+    table = results_csv(RunLayout(summary.output_dir).metrics, summary.after)
     files = [_file(settings, job, "step_metrics.csv", table.encode())]
     if summary.report is not None and summary.report.is_file():
-        files.append(_file(settings, job, "report.html", summary.report.read_bytes()))
+        files.append(_file(settings, job, summary.report.name, summary.report.read_bytes()))
     return files
 
 
@@ -66,9 +67,7 @@ def _file(settings: ServiceSettings, job: JobRow, name: str, content: bytes) -> 
     file_id = new_id("file")
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     target = settings.files_dir / f"{file_id}{Path(name).suffix}"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(content)
-    shutil.move(tmp, target)
+    write_atomic(target, content)
     return FileRow(
         id=file_id,
         project_id=job.project_id,

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from tunelab.config import JobSpec
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
+from tunelab.layout import RunLayout
 from tunelab.metrics import lower_is_better
 from tunelab.recipe import RunSummary, run_job
 from tunelab.report import compare
@@ -101,7 +102,7 @@ class Worker:
     def run_one(self, job: JobRow) -> None:
         spec = JobSpec.model_validate(job.spec)
         self._stop_reason, self._absorbed_at, self._resent = None, None, False
-        resume_from = latest_checkpoint(Path(spec.output_dir) / "checkpoints")
+        resume_from = latest_checkpoint(RunLayout(Path(spec.output_dir)).checkpoints)
         started = f"Resuming from checkpoint {resume_from.name}" if resume_from else "Fine-tuning job started"
         self.store.jobs.add_events(job.id, [Event(started, data={"worker": self.id, "attempt": job.attempts})])
         event_log = EventLog(self.store, job.id, spec)

@@ -10,6 +10,7 @@ from tunelab.data.formats import detect_format, to_example
 from tunelab.data.validate import load_chat_examples
 from tunelab.metrics import rouge_l
 from tunelab.tasks.generative import GenerativeTask, Item
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -41,3 +42,6 @@ def _last_answer(item: Item) -> str:
     if not example.is_conversation:
         return example.completion
     return [m.content for m in example.messages if m.role == "assistant"][-1]
+
+
+register_scenario(ScenarioInfo(ChatTask.name, ChatTask))

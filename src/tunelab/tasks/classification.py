@@ -22,8 +22,9 @@ from tunelab.data.render import generation_prompt, tokenize
 from tunelab.errors import DataError, Problem
 from tunelab.evaluate import Generation, choice_logps
 from tunelab.metrics import classification_metrics, confusion
-from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.base import Evaluation, TaskData
 from tunelab.tasks.generative import GenerativeTask, Item, instructed
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -159,3 +160,6 @@ def _to_label(output: str, labels: list[str]) -> str:
         return by_lower[first]
     mentioned = [label for label in labels if label.lower() in first]
     return mentioned[0] if len(mentioned) == 1 else output.strip()[:40]
+
+
+register_scenario(ScenarioInfo(ClassificationTask.name, ClassificationTask))

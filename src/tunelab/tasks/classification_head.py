@@ -16,10 +16,11 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.packing import Row
 from tunelab.evaluate import Generation
 from tunelab.metrics import LOWER_IS_BETTER, classification_metrics, confusion
-from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.base import Evaluation, TaskData
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.generative import Item
 from tunelab.tasks.heads import load_head_model, predict, start_token, truncation_warning
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -103,3 +104,6 @@ def encode(text: Text, label_id: int, tokenizer: PreTrainedTokenizerBase, max_le
 
 def _texts(items: list[Item]) -> list[Text]:
     return [Text(next(m.content for m in i.example.messages if m.role == "user"), i.reference) for i in items]
+
+
+register_scenario(ScenarioInfo(ClassificationHeadTask.name, ClassificationHeadTask, approach="head"))

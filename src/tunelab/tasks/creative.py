@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from tunelab.abc import check_tune, well_formed_rate
 from tunelab.data.formats import ChatExample
 from tunelab.tasks.generative import GenerativeTask, Item
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -32,3 +33,6 @@ class CreativeTask(GenerativeTask):
         tunes = [str(i.reference) + o for o, i in zip(outputs, items, strict=True)]
         reasons = [check_tune(t) for t in tunes]
         return {"abc_well_formed": well_formed_rate(tunes)}, {"abc_problems": [r for r in reasons if r][:10]}
+
+
+register_scenario(ScenarioInfo(CreativeTask.name, CreativeTask))

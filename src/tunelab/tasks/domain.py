@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import ChatExample
 from tunelab.evaluate import Generation, generate_batch
-from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.base import Evaluation, TaskData
 from tunelab.tasks.generative import GenerativeTask, Item
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -44,3 +45,6 @@ class DomainTask(GenerativeTask):
         outputs = generate_batch(model, tokenizer, openings, spec.eval.max_new_tokens or self.max_new_tokens)
         rests = [" ".join(t.split()[OPENING_WORDS : 2 * OPENING_WORDS]) for t in texts]
         return Evaluation(metrics, [Generation(*s) for s in zip(openings, rests, outputs, strict=True)])
+
+
+register_scenario(ScenarioInfo(DomainTask.name, DomainTask))

@@ -27,7 +27,7 @@ from tunelab.errors import DataError, Problem, summarize
 from tunelab.evaluate import Generation, generate_batch, language_metrics
 from tunelab.metrics import LOWER_IS_BETTER
 from tunelab.models import ModelSource, load_model
-from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.base import Evaluation, TaskData
 
 if TYPE_CHECKING:
     from tunelab.config import DataSource, JobSpec

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.metrics import entity_metrics
 from tunelab.tasks.generative import GenerativeTask, Item, instructed
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -79,3 +80,6 @@ def to_tags(answer: str, tokens: list[str]) -> list[str]:
                 tags[start : start + len(span)] = [f"B-{kind.strip()}"] + [f"I-{kind.strip()}"] * (len(span) - 1)
                 break
     return tags
+
+
+register_scenario(ScenarioInfo(NerTask.name, NerTask))

@@ -21,10 +21,11 @@ from tunelab.data.packing import Row
 from tunelab.data.render import IGNORE
 from tunelab.evaluate import Generation
 from tunelab.metrics import LOWER_IS_BETTER, entity_metrics
-from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.base import Evaluation, TaskData
 from tunelab.tasks.generative import Item
 from tunelab.tasks.heads import load_head_model, predict, start_token, truncation_warning
 from tunelab.tasks.ner import NerTask, entities_text
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -141,3 +142,6 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
         labels.append(IGNORE if word is None or word == previous else word_labels[word])
         previous = word
     return labels
+
+
+register_scenario(ScenarioInfo(NerHeadTask.name, NerHeadTask, approach="head"))

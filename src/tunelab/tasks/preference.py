@@ -16,8 +16,9 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.preference import Pair, pair_rows, parse_pair
 from tunelab.data.render import Tokenized, generation_prompt, tokenize
 from tunelab.evaluate import Generation, generate_batch
-from tunelab.tasks import Evaluation, TaskData
+from tunelab.tasks.base import Evaluation, TaskData
 from tunelab.tasks.generative import GenerativeTask, Item
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 from tunelab.train.objectives import Dpo, score_sequences
 
 if TYPE_CHECKING:
@@ -99,3 +100,6 @@ def _tokenize_pairs(
 
         raise DataError([Problem(f"data.{split}", "no usable preference pair", "check the answers and max_seq_len")])
     return kept
+
+
+register_scenario(ScenarioInfo(PreferenceTask.name, PreferenceTask))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.metrics import squad_metrics
 from tunelab.tasks.generative import GenerativeTask, Item, instructed
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -43,3 +44,6 @@ def _check_answers(answers: Any, context: str) -> list[str]:
             hint = f" (it is at {found})" if found >= 0 else " (it is not in the context)"
             raise ValueError(f"answer {text!r} is not at offset {start} of the context{hint}")
     return [str(t) for t in texts]
+
+
+register_scenario(ScenarioInfo(QaTask.name, QaTask))

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.metrics import translation_metrics
 from tunelab.tasks.generative import GenerativeTask, Item, instructed
+from tunelab.tasks.registry import ScenarioInfo, register_scenario
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
@@ -35,3 +36,6 @@ def _language(code: object, field: str) -> str:
     if not isinstance(code, str) or not code:
         raise ValueError(f"no {field}: set task.{field} in the spec or a `{field}` field in each row")
     return LANGUAGES.get(code.lower(), code)
+
+
+register_scenario(ScenarioInfo(TranslationTask.name, TranslationTask))

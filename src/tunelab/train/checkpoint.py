@@ -19,7 +19,9 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.atomic import publish_folder
 from tunelab.errors import TunelabError
+from tunelab.layout import CheckpointLayout, checkpoint_folders, checkpoint_name
 from tunelab.train.distributed import World, barrier
 
 
@@ -52,23 +54,22 @@ def save_checkpoint(
     Every process writes its own part (its RNG state; its optimizer shard under ZeRO); rank 0 writes the rest and
     renames the folder once all parts are in."""
     world = engine.world
-    target = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-step-{state.step:06d}"
+    target = root / checkpoint_name(state.step)
+    tmp = root / f".tmp-{target.name}"
+    files = CheckpointLayout(tmp)
     if world.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier(world)
     engine.save(tmp)
-    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng-{world.rank}.safetensors"))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(files.rng(world.rank)))
     barrier(world)
     if world.is_main:
         try:
-            _write_json(tmp / "scheduler.json", scheduler.state_dict())
-            _write_json(tmp / "trainer_state.json", asdict(state) | {"world_size": world.size})
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            _write_json(files.scheduler, scheduler.state_dict())
+            _write_json(files.trainer_state, asdict(state) | {"world_size": world.size})
+            publish_folder(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -80,9 +81,10 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, engine: CheckpointEngine, scheduler: torch.optim.lr_scheduler.LRScheduler
 ) -> TrainerState:
-    if not (path / "trainer_state.json").is_file():
-        raise TunelabError(f"{path} is not a complete tunelab checkpoint (trainer_state.json is missing)")
-    saved = _read_json(path / "trainer_state.json")
+    files = CheckpointLayout(path)
+    if not files.trainer_state.is_file():
+        raise TunelabError(f"{path} is not a complete tunelab checkpoint ({files.trainer_state.name} is missing)")
+    saved = _read_json(files.trainer_state)
     saved_world = saved.pop("world_size", 1)
     if saved_world != engine.world.size:
         raise TunelabError(
@@ -90,8 +92,8 @@ def load_checkpoint(
             f"resume with --nproc {saved_world} (the data order and optimizer shards depend on it)"
         )
     engine.load(path)
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-    rng = path / f"rng-{engine.world.rank}.safetensors"
+    scheduler.load_state_dict(_read_json(files.scheduler))
+    rng = files.rng(engine.world.rank)
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["torch_cpu"])
     return TrainerState(**saved)
@@ -99,18 +101,20 @@ def load_checkpoint(
 
 def save_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The replicated (one-process or DDP) state: trainable weights and Adam moments, in safetensors."""
+    files = CheckpointLayout(folder)
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(folder / "trainable.safetensors"))
+    save_file(trainable, str(files.trainable))
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    _write_json(folder / "optimizer.json", meta)
+    save_file(tensors, str(files.optimizer))
+    _write_json(files.optimizer_state, meta)
 
 
 def load_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json"):
-        if not (folder / name).is_file():
-            raise TunelabError(f"{folder} is not a complete tunelab checkpoint ({name} is missing)")
-    weights = load_file(str(folder / "trainable.safetensors"))
+    files = CheckpointLayout(folder)
+    for path in (files.trainable, files.optimizer, files.optimizer_state):
+        if not path.is_file():
+            raise TunelabError(f"{folder} is not a complete tunelab checkpoint ({path.name} is missing)")
+    weights = load_file(str(files.trainable))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise TunelabError(
@@ -122,17 +126,17 @@ def load_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer
         for name, value in weights.items():
             params[name].copy_(value)
     optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), _read_json(folder / "optimizer.json"))
+        _unflatten_optimizer(load_file(str(files.optimizer)), _read_json(files.optimizer_state))
     )
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    found = checkpoint_folders(root)
     return found[-1] if found else None
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
+    for old in checkpoint_folders(root)[:-keep_last]:
         shutil.rmtree(old)
 
 

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from tunelab.config import CheckpointSpec, DistributedSpec, TrainSpec
 from tunelab.data.packing import Row, collate
+from tunelab.layout import RunLayout
 from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import SINGLE, World, current_world
 from tunelab.train.engines import Engine, make_engine
@@ -102,8 +103,9 @@ def train(
         num_training_steps=plan.total_steps,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
+    layout = RunLayout(out_dir)
+    ckpt_root = layout.checkpoints
+    metrics_path = layout.metrics
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, engine, scheduler)
