@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.layout import RunLayout
 from tunelab.service.errors import not_found
 from tunelab.service.settings import ServiceSettings
 from tunelab.service.store import Store
@@ -41,7 +42,8 @@ def find_target(settings: ServiceSettings, store: Store, project_id: str, name: 
         job = store.jobs.by_id(model.job_id)
         assert job is not None  # a model row is written in the same transaction as its job's success
         folder = Path(model.path)
-        return Target(name, job.spec["model"]["name"], folder, merged=folder.name == "merged")
+        merged = folder == RunLayout(folder.parent).merged
+        return Target(name, job.spec["model"]["name"], folder, merged=merged)
     checkpoint = store.models.checkpoint(project_id, name)
     if checkpoint is not None:
         job = store.jobs.by_id(checkpoint.job_id)

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.config import JobSpec
 from tunelab.errors import TunelabError
 from tunelab.inference import load_for_inference
+from tunelab.layout import CheckpointLayout
 from tunelab.methods import apply_method
 from tunelab.models import load_model, load_tokenizer, resolve
 from tunelab.service.chat import Target
@@ -47,7 +48,7 @@ def _load_checkpoint(target: Target) -> tuple[torch.nn.Module, PreTrainedTokeniz
     spec = JobSpec.model_validate(target.spec)
     source = resolve(spec.model.name, spec.model.gguf_file)
     model = apply_method(load_model(source), spec.method)
-    weights = load_file(str(target.checkpoint / "trainable.safetensors"))
+    weights = load_file(str(CheckpointLayout(target.checkpoint).trainable))
     params = dict(model.named_parameters())
     missing = set(weights) - set(params)
     if missing:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.layout import RunLayout
 from tunelab.service.chat import ChatModels
 from tunelab.service.errors import ApiError, not_found
 from tunelab.service.files import remove_tree
@@ -14,7 +15,8 @@ from tunelab.service.settings import ServiceSettings
 from tunelab.service.store import Store
 
 BASE_OWNER = "tunelab"
-MODEL_FOLDERS = ("merged", "adapter", "pissa_init")  # what run_job writes for the final model (tunelab.recipe)
+_RUN = RunLayout(Path())
+MODEL_FOLDERS = (_RUN.merged.name, _RUN.adapter.name, _RUN.pissa_init.name)  # what run_job writes (tunelab.recipe)
 
 
 @dataclass(frozen=True)
