@@ -47,13 +47,13 @@ def free_port() -> int:
 
 
 def start_service(data_dir: Path, port: int, model_args: list[str]) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "tunelab.service.cli", "--data-dir", str(data_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "tunelab.job_service.cli", "--data-dir", str(data_dir), "--port", str(port)]
     log = (data_dir / "service.log").open("wb")
     return subprocess.Popen([*command, "--workers", "1", *model_args], stdout=log, stderr=subprocess.STDOUT)
 
 
 def create_key(data_dir: Path) -> str:
-    command = [sys.executable, "-m", "tunelab.service.cli", "keys", "create", "--project", "bench"]
+    command = [sys.executable, "-m", "tunelab.job_service.cli", "keys", "create", "--project", "bench"]
     done = subprocess.run([*command, "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
     return done.stdout.strip().splitlines()[-1]
 

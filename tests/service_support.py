@@ -18,8 +18,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, create_engine
 
-from tunelab.service.db import Base, normalise_url
-from tunelab.service.store import Store
+from tunelab.job_service.db import Base, normalise_url
+from tunelab.job_service.store import Store
 
 ROOT = Path(__file__).parents[1]
 CHAT = ROOT / "data" / "chat" / "train.jsonl"
@@ -105,7 +105,7 @@ def live_service(
     a test kills one, the other takes the job over at once."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "tunelab.service.cli", "--data-dir", str(data_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "tunelab.job_service.cli", "--data-dir", str(data_dir), "--port", str(port)]
     command += ["--workers", str(workers), "--lease-s", "5", "--heartbeat-s", "0.2", "--stop-timeout", "60"]
     command += ["--worker-nice", "0", "--poll-s", "0.2"]
     for name, path in models.items():

@@ -31,7 +31,7 @@ from tunelab.export.onnx import (
     torch_greedy,
 )
 from tunelab.inference import chat_prompt
-from tunelab.serve.app import create_app
+from tunelab.inference_server.app import create_app
 from tunelab.serving.engines import build_engine
 
 # What a quantised export of the tiny model must reach, vs the fp32 export / PyTorch: (correlation of the logits,

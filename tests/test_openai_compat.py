@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service_support import fresh_store
 from tunelab.inference import chat_prompt
-from tunelab.serve.app import create_app as serve_app
-from tunelab.service.api import create_app as service_app
-from tunelab.service.settings import ServiceSettings
+from tunelab.inference_server.app import create_app as serve_app
+from tunelab.job_service.api import create_app as service_app
+from tunelab.job_service.settings import ServiceSettings
 from tunelab.serving.engines import build_engine
 from tunelab.serving.generation import OpenAIPenalties
 

@@ -205,8 +205,8 @@ def test_train_evaluation_shows_progress_in_a_log(tiny_llama_dir: Path, tmp_path
 def test_unknown_rate_going_down_is_better_in_report_table_and_events(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tunelab.job_service.worker import _scored
     from tunelab.report import Sample, write_report
-    from tunelab.service.worker import _scored
 
     before, after = {"loss": 2.0, "unknown_rate": 0.995}, {"loss": 1.0, "unknown_rate": 0.0}
     paths = write_report(

@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from tunelab.data.render import encode_prompt
 from tunelab.errors import TunelabError
 from tunelab.inference import chat_prompt
-from tunelab.serve.app import create_app
-from tunelab.serve.cli import parse_adapters, serve_app
+from tunelab.inference_server.app import create_app
+from tunelab.inference_server.cli import parse_adapters, serve_app
 from tunelab.serving.engines import TorchEngine, build_engine
 from tunelab.serving.generation import Sampling, pick_token
 
@@ -420,7 +420,7 @@ def test_metrics_count_requests_tokens_and_latency(server: Server) -> None:
 
 def test_keys_file_and_empty_keys(tmp_path: Path) -> None:
     from tunelab.errors import TunelabError
-    from tunelab.serve.cli import read_keys
+    from tunelab.inference_server.cli import read_keys
 
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nalpha-key\n\nbeta-key  # ci\n")

@@ -19,12 +19,12 @@ from transformers import AutoTokenizer
 
 from service_support import DATABASES, FAST, NO_EVAL, chat_file, fresh_store
 from tiny import CHAT_TEMPLATE
-from tunelab.service.api import create_app
-from tunelab.service.errors import ApiError
-from tunelab.service.files import sanitise_filename, save_upload
-from tunelab.service.settings import ServiceSettings
-from tunelab.service.store import Store
-from tunelab.service.worker import Worker
+from tunelab.job_service.api import create_app
+from tunelab.job_service.errors import ApiError
+from tunelab.job_service.files import sanitise_filename, save_upload
+from tunelab.job_service.settings import ServiceSettings
+from tunelab.job_service.store import Store
+from tunelab.job_service.worker import Worker
 
 
 @dataclass

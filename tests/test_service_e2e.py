@@ -29,8 +29,8 @@ from service_support import (
     postgres_schema_url,
     wait_for,
 )
-from tunelab.service.cli import app as service_cli
-from tunelab.service.store import Store
+from tunelab.job_service.cli import app as service_cli
+from tunelab.job_service.store import Store
 
 # Long enough (200 steps, ~5 s) that a pause or a kill lands mid-job; same seed, so an interrupted run must agree
 # with an uninterrupted one (the `reference` fixture) step by step.

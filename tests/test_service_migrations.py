@@ -20,12 +20,12 @@ from sqlalchemy import Engine, MetaData, create_engine, insert, inspect, text
 
 from service_support import DATABASES, postgres_schema_url
 from tunelab.errors import TunelabError
-from tunelab.service.api import create_app
-from tunelab.service.db import Base, FileRow, normalise_url
-from tunelab.service.ids import hash_key, now
-from tunelab.service.migrations import INITIAL, alembic_config
-from tunelab.service.settings import ServiceSettings
-from tunelab.service.store import Store
+from tunelab.job_service.api import create_app
+from tunelab.job_service.db import Base, FileRow, normalise_url
+from tunelab.job_service.ids import hash_key, now
+from tunelab.job_service.migrations import INITIAL, alembic_config
+from tunelab.job_service.settings import ServiceSettings
+from tunelab.job_service.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY = "sk-tl-test-old-release-key"
@@ -142,7 +142,7 @@ def test_autogenerate_finds_no_difference_between_the_models_and_the_migrations(
     store.close()
     with engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-    assert differences == [], "db.py and the migrations differ: add a revision (see tunelab.service.migrations)"
+    assert differences == [], "db.py and the migrations differ: add a revision (see tunelab.job_service.migrations)"
 
 
 def test_starts_that_race_upgrade_once(url: str, engine: Engine) -> None:

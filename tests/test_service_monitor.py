@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunelab.service.monitor import MetricsTail
+from tunelab.job_service.monitor import MetricsTail
 
 
 def _rows(steps: range, elapsed: float) -> str:

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import text
 
 from service_support import DATABASES, fresh_store
-from tunelab.service.db import FileRow, JobRow
-from tunelab.service.ids import new_id, now
-from tunelab.service.store import Event, Progress, Store
+from tunelab.job_service.db import FileRow, JobRow
+from tunelab.job_service.ids import new_id, now
+from tunelab.job_service.store import Event, Progress, Store
 
 
 @pytest.fixture(params=DATABASES)

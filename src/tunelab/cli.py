@@ -19,8 +19,8 @@ from rich.table import Table
 from tunelab.errors import ConfigError, Problem, TunelabError
 from tunelab.export.gguf_cli import export_gguf_cmd
 from tunelab.export.onnx_cli import export_onnx_cmd
-from tunelab.serve.cli import serve_cmd
-from tunelab.service.cli import app as service_app
+from tunelab.inference_server.cli import serve_cmd
+from tunelab.job_service.cli import app as service_app
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec

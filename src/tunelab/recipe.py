@@ -153,9 +153,9 @@ def _save_gathered(
     result: TrainResult, tokenizer: PreTrainedTokenizerBase, folder: Path, pissa_init: Path | None, world: World
 ) -> Path:
     """Every process joins the gathering of sharded weights; rank 0 writes them."""
-    with result.engine.gathered():
+    with result.backend.gathered():
         if world.is_main:
-            save_adapter(result.engine.unwrapped(), tokenizer, folder, pissa_init)
+            save_adapter(result.backend.unwrapped(), tokenizer, folder, pissa_init)
     barrier(world)
     return folder
 

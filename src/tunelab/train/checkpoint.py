@@ -33,8 +33,8 @@ class TrainerState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-class CheckpointEngine(Protocol):
-    """What a checkpoint needs from the training engine (see train/engines.py)."""
+class CheckpointBackend(Protocol):
+    """What a checkpoint needs from the training backend (see train/backends.py)."""
 
     world: World
 
@@ -44,7 +44,7 @@ class CheckpointEngine(Protocol):
 
 def save_checkpoint(
     root: Path,
-    engine: CheckpointEngine,
+    backend: CheckpointBackend,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
     keep_last: int,
@@ -53,7 +53,7 @@ def save_checkpoint(
 
     Every process writes its own part (its RNG state; its optimizer shard under ZeRO); rank 0 writes the rest and
     renames the folder once all parts are in."""
-    world = engine.world
+    world = backend.world
     target = root / checkpoint_name(state.step)
     tmp = root / f".tmp-{target.name}"
     files = CheckpointLayout(tmp)
@@ -62,7 +62,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier(world)
-    engine.save(tmp)
+    backend.save(tmp)
     save_file({"torch_cpu": torch.get_rng_state()}, str(files.rng(world.rank)))
     barrier(world)
     if world.is_main:
@@ -79,21 +79,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, engine: CheckpointEngine, scheduler: torch.optim.lr_scheduler.LRScheduler
+    path: Path, backend: CheckpointBackend, scheduler: torch.optim.lr_scheduler.LRScheduler
 ) -> TrainerState:
     files = CheckpointLayout(path)
     if not files.trainer_state.is_file():
         raise TunelabError(f"{path} is not a complete tunelab checkpoint ({files.trainer_state.name} is missing)")
     saved = _read_json(files.trainer_state)
     saved_world = saved.pop("world_size", 1)
-    if saved_world != engine.world.size:
+    if saved_world != backend.world.size:
         raise TunelabError(
-            f"checkpoint {path} was written by {saved_world} process(es), this run has {engine.world.size}: "
+            f"checkpoint {path} was written by {saved_world} process(es), this run has {backend.world.size}: "
             f"resume with --nproc {saved_world} (the data order and optimizer shards depend on it)"
         )
-    engine.load(path)
+    backend.load(path)
     scheduler.load_state_dict(_read_json(files.scheduler))
-    rng = files.rng(engine.world.rank)
+    rng = files.rng(backend.world.rank)
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["torch_cpu"])
     return TrainerState(**saved)

@@ -22,9 +22,9 @@ from transformers import get_scheduler
 from tunelab.config import CheckpointSpec, DistributedSpec, TrainSpec
 from tunelab.data.packing import Row, collate
 from tunelab.layout import RunLayout
+from tunelab.train.backends import Backend, make_backend
 from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import SINGLE, World, current_world
-from tunelab.train.engines import Engine, make_engine
 from tunelab.train.objectives import CausalLM, Objective
 from tunelab.train.progress import ProgressReporter, rewrite_metrics
 
@@ -34,7 +34,7 @@ class TrainResult:
     state: TrainerState
     interrupted: bool
     checkpoint: Path | None
-    engine: Engine  # holds the trained (possibly sharded) model; `engine.gathered()` before reading weights
+    backend: Backend  # holds the trained (possibly sharded) model; `backend.gathered()` before reading weights
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ def train(
         raise ValueError("no training rows")  # callers check the data first; this guards the loop's arithmetic
     world = current_world()
     objective = objective or CausalLM()
-    engine = make_engine(model, train_spec, dist_spec or DistributedSpec(), world)
+    backend = make_backend(model, train_spec, dist_spec or DistributedSpec(), world)
     plan = make_plan(len(rows), train_spec, world.size)
     scheduler = get_scheduler(
         train_spec.schedule,
-        engine.optimizer,
+        backend.optimizer,
         num_warmup_steps=round(train_spec.warmup_ratio * plan.total_steps),
         num_training_steps=plan.total_steps,
     )
@@ -108,7 +108,7 @@ def train(
     metrics_path = layout.metrics
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, engine, scheduler)
+        state = load_checkpoint(resume_from, backend, scheduler)
         if world.is_main:
             rewrite_metrics(metrics_path, state.history)
     elif metrics_path.exists() and world.is_main:
@@ -117,7 +117,7 @@ def train(
         reporter = ProgressReporter(plan.total_steps, state.step, metrics_path if world.is_main else None)
 
     def checkpoint() -> Path:
-        return save_checkpoint(ckpt_root, engine, scheduler, state, ckpt_spec.keep_last)
+        return save_checkpoint(ckpt_root, backend, scheduler, state, ckpt_spec.keep_last)
 
     last_ckpt: Path | None = None
     interrupted = False
@@ -126,7 +126,7 @@ def train(
         while state.step < plan.total_steps:
             started = time.perf_counter()
             loss, tokens, grad_norm, stats = _step(
-                engine, objective, plan, rows, state.step, pad_id, packed, train_spec.max_grad_norm
+                backend, objective, plan, rows, state.step, pad_id, packed, train_spec.max_grad_norm
             )
             scheduler.step()
             state.step += 1
@@ -158,11 +158,11 @@ def train(
                 "run the same command with --resume to continue"
             )
     model.eval()
-    return TrainResult(state, interrupted, last_ckpt, engine)
+    return TrainResult(state, interrupted, last_ckpt, backend)
 
 
 def _step(
-    engine: Engine,
+    backend: Backend,
     objective: Objective,
     plan: Plan,
     rows: list[Row],
@@ -173,7 +173,7 @@ def _step(
 ) -> tuple[float, int, float, dict[str, float]]:
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss, real tokens, grad norm, the
     objective's statistics averaged per item) over all processes."""
-    world = engine.world
+    world = backend.world
     first = step * plan.grad_accum
     picks = [[rows[i] for i in plan.micro_batch(first + j, world)] for j in range(plan.grad_accum)]
     batches = [collate(group, pad_id, packed) for group in picks]
@@ -188,11 +188,11 @@ def _step(
     total = 0.0
     sums: dict[str, float] = {}
     for batch in batches:
-        micro_loss, stats = objective.loss(engine.forward, batch, max(n_items, 1) / world.size)
-        engine.backward(micro_loss)
+        micro_loss, stats = objective.loss(backend.forward, batch, max(n_items, 1) / world.size)
+        backend.backward(micro_loss)
         total += float(micro_loss.detach())
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
-    grad_norm = engine.step(max_grad_norm)
+    grad_norm = backend.step(max_grad_norm)
     loss, *summed = _sum_over_world(world, [total / world.size, *sums.values()], torch.float64)
     return loss, int(tokens), grad_norm, {k: v / max(n_items, 1) for k, v in zip(sums, summed, strict=True)}
 
