@@ -129,3 +129,13 @@ def test_evaluation_times_are_in_the_table_not_the_picture(tmp_path: Path) -> No
     html, png = _write(tmp_path / "timed", **timed)
     assert matplotlib.image.imread(png).shape == matplotlib.image.imread(plain).shape
     assert ">3<" in _row(html, "eval_seconds")
+
+
+def test_benchmark_chart_alone(tmp_path: Path) -> None:
+    from tunelab.report import benchmark_png
+
+    names = ["truthfulqa_mc1/acc", "truthfulqa_mc2/acc"]
+    png = tmp_path / "chart.png"
+    png.write_bytes(benchmark_png({n: 0.25 for n in names}, {n: 0.3 for n in names}, names))
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert 200 < height < 1000 and width >= height

@@ -148,6 +148,21 @@ def render_png(
     return buffer.getvalue()
 
 
+def benchmark_png(
+    before: dict[str, float], after: dict[str, float], names: Sequence[str], title: str = "benchmarks"
+) -> bytes:
+    """The benchmark chart alone (one before/after bar pair per metric), e.g. for a README or a model card."""
+    fig = Figure(figsize=(PANEL_WIDTH_IN * max(1.0, len(names) / 2), PANEL_HEIGHT_IN), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    _grouped_panel(ax, list(names), before, after)
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
 def _bar_panel(ax: Axes, name: str, old: float | None, new: float | None, has_after: bool) -> None:
     candidates = [("before", old, BEFORE_COLOR)] + ([("after", new, AFTER_COLOR)] if has_after else [])
     # Non-finite values (e.g. an overflowing perplexity) would wreck the axis; they stay in the HTML table.
