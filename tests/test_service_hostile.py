@@ -83,24 +83,40 @@ JOB_PROBES: list[tuple[str, dict[str, Any] | str, str]] = [
     ("n_epochs_string", _hyper(n_epochs="3"), f"{HYPER}.n_epochs"),
     ("batch_size_2**70", _hyper(batch_size=2**70), f"{HYPER}.batch_size"),
     ("batch_size_true", _hyper(batch_size=True), f"{HYPER}.batch_size"),
-    ("lr_multiplier_1e309", '"method": {"type": "supervised", "supervised": '
-     '{"hyperparameters": {"learning_rate_multiplier": 1e309}}}', f"{HYPER}.learning_rate_multiplier"),
-    ("lr_multiplier_Infinity", '"method": {"type": "supervised", "supervised": '
-     '{"hyperparameters": {"learning_rate_multiplier": Infinity}}}', f"{HYPER}.learning_rate_multiplier"),
-    ("lr_multiplier_NaN", '"hyperparameters": {"learning_rate_multiplier": NaN}', "hyperparameters.learning_rate_multiplier"),
+    (
+        "lr_multiplier_1e309",
+        '"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e309}}}',
+        f"{HYPER}.learning_rate_multiplier",
+    ),
+    (
+        "lr_multiplier_Infinity",
+        '"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": Infinity}}}',
+        f"{HYPER}.learning_rate_multiplier",
+    ),
+    (
+        "lr_multiplier_NaN",
+        '"hyperparameters": {"learning_rate_multiplier": NaN}',
+        "hyperparameters.learning_rate_multiplier",
+    ),
     ("seed_2**63", {"seed": 2**63}, "seed"),
     ("seed_2**40", {"seed": 2**40}, "seed"),
     ("seed_string", {"seed": "7"}, "seed"),
     ("spec_seed_2**63", {"tunelab": _spec("train", seed=2**63)}, "tunelab.spec.train.seed"),
     ("spec_seed_x", {"tunelab": _spec("train", seed="x")}, "tunelab.spec.train.seed"),
     ("spec_batch_size_string", {"tunelab": _spec("train", batch_size="8")}, "tunelab.spec.train.batch_size"),
+    ("spec_batch_size_2**70", {"tunelab": _spec("train", batch_size=2**70)}, "tunelab.spec.train.batch_size"),
+    ("spec_batch_size_1e5", {"tunelab": _spec("train", batch_size=10**5)}, "tunelab.spec.train.batch_size"),
     ("spec_max_steps_2**40", {"tunelab": _spec("train", max_steps=2**40)}, "tunelab.spec.train.max_steps"),
     ("spec_max_seq_len_1e9", {"tunelab": _spec("train", max_seq_len=10**9)}, "tunelab.spec.train.max_seq_len"),
     ("spec_lr_1e6", {"tunelab": _spec("train", lr=1e6)}, "tunelab.spec.train.lr"),
     ("spec_r_1e9", {"tunelab": _spec("method", r=10**9)}, "tunelab.spec.method.r"),
     ("spec_keep_last_true", {"tunelab": _spec("checkpoints", keep_last=True)}, "tunelab.spec"),
     ("spec_instruction_20k", {"tunelab": _spec("task", instruction="x" * 20_000)}, "tunelab.spec.task.instruction"),
-    ("target_modules_nope", {"tunelab": _spec("method", target_modules=["nope"])}, "tunelab.spec.method.target_modules"),
+    (
+        "target_modules_nope",
+        {"tunelab": _spec("method", target_modules=["nope"])},
+        "tunelab.spec.method.target_modules",
+    ),
     ("model_files_missing", {"model": "gone"}, "model"),
     ("training_file_surrogate", '"training_file": "\\ud800"', "training_file"),
     ("training_file_nul", {"training_file": "file-\x00"}, "training_file"),
@@ -160,7 +176,9 @@ def test_hostile_paths_queries_and_chats_are_400s(
     response = api.send(method, path, body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["code"] in ("invalid_value", "string_too_long", "invalid_json") and (error["param"] or "") == param, error
+    assert error["code"] in ("invalid_value", "string_too_long", "invalid_json") and (error["param"] or "") == param, (
+        error
+    )
 
 
 def test_error_params_name_the_field_not_the_union_member(api: Hostile) -> None:
@@ -168,7 +186,9 @@ def test_error_params_name_the_field_not_the_union_member(api: Hostile) -> None:
     assert response.json()["error"]["param"] == f"{HYPER}.n_epochs"
 
 
-def test_an_unexpected_error_is_an_openai_500_and_the_app_goes_on(api: Hostile, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unexpected_error_is_an_openai_500_and_the_app_goes_on(
+    api: Hostile, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*_: Any) -> None:
         raise RuntimeError("boom")
 
@@ -190,7 +210,9 @@ FILE_PROBES: list[tuple[str, bytes, str, str | None, int | None]] = [
 @pytest.mark.parametrize(
     ("content", "status", "code", "line"), [p[1:] for p in FILE_PROBES], ids=[p[0] for p in FILE_PROBES]
 )
-def test_hostile_files_end_validated(api: Hostile, content: bytes, status: str, code: str | None, line: int | None) -> None:
+def test_hostile_files_end_validated(
+    api: Hostile, content: bytes, status: str, code: str | None, line: int | None
+) -> None:
     row = api.store.files.get(api.store.keys.project_for(api.key).id, api.upload(content)["id"])  # type: ignore[union-attr]
     assert row is not None and row.status == status, row.status_details if row else None
     if code is not None:
@@ -233,7 +255,9 @@ def _stream(content: bytes) -> Any:
     return io.BytesIO(content)
 
 
-@pytest.mark.parametrize(("verb", "control", "status"), [("cancel", "cancel", "cancelled"), ("pause", "pause", "paused")])
+@pytest.mark.parametrize(
+    ("verb", "control", "status"), [("cancel", "cancel", "cancelled"), ("pause", "pause", "paused")]
+)
 def test_cancel_and_pause_of_a_running_job_answer_the_state_it_is_bound_for(
     api: Hostile, verb: str, control: str, status: str
 ) -> None:
