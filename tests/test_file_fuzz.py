@@ -20,7 +20,7 @@ from tunelab.errors import DataError
 from tunelab.job_service.files import check_file
 from tunelab.tasks import check_data
 
-EXAMPLES = int(os.environ.get("TUNELAB_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("TUNELAB_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 SCENARIOS = ["classification", "qa", "ner", "translation", "domain", "creative"]
 
