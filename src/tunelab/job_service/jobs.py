@@ -23,7 +23,7 @@ from tunelab.job_service.settings import MODEL_NAME, ServiceSettings
 from tunelab.job_service.store import Event, Page, Store
 
 DEFAULT_LR: float = TrainSpec.model_fields["lr"].default
-MAX_KEEP = 1000
+MAX_KEEP = 1000  # checkpoints kept as models per job: each is a folder on disk and a row the API lists
 # The training loop keeps every checkpoint; the service prunes them itself, after recording each one as a model.
 LOOP_KEEP_ALL = 1_000_000
 SECTION_MODELS: dict[str, type[BaseModel]] = {
@@ -88,7 +88,8 @@ def build_spec(
     checkpoints = sections["checkpoints"]
     keep = checkpoints.pop("keep_last", settings.keep_checkpoints)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= MAX_KEEP:
-        raise bad_request("invalid_spec", "checkpoints.keep_last must be a positive integer", "tunelab.spec")
+        message = f"checkpoints.keep_last must be an integer from 1 to {MAX_KEEP}"
+        raise bad_request("invalid_spec", message, "tunelab.spec.checkpoints.keep_last")
     checkpoints.setdefault("every_steps", settings.checkpoint_every)
     checkpoints["keep_last"] = LOOP_KEEP_ALL
     raw: dict[str, Any] = {
