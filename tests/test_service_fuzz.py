@@ -5,6 +5,7 @@ with a code. TUNELAB_FUZZ_EXAMPLES sets the examples per operation on each datab
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,5 +75,53 @@ def test_no_request_makes_the_service_fail(fuzzed: tuple[Any, Any, int], label: 
         if response.status_code >= 400:
             error = response.json()["error"]
             assert isinstance(error["code"], str) and error["code"], error
+
+    probe()
+
+
+# Values a schema-driven fuzzer seldom sends, put anywhere in a valid job request: the probes, generalised.
+HOSTILE_VALUES = st.sampled_from(
+    [2**63, 2**80, -(2**63) - 1, 2**31, -1, 0, float("inf"), float("-inf"), float("nan"), 1e308, True, "8", "x",
+     "\x00", "a\x00b", "\ud800", "\udfff", "x" * 70_000, [], {}, None, [0] * 1001, {"k\x00": "v"}]
+)  # fmt: skip
+JOB_PATHS = [
+    ("seed",), ("training_file",), ("validation_file",), ("suffix",), ("model",), ("metadata", "k"),
+    ("metadata", "k\x00"), ("integrations",), ("method", "type"),
+    *[("method", "supervised", "hyperparameters", n) for n in ("n_epochs", "batch_size", "learning_rate_multiplier")],
+    ("method", "dpo", "hyperparameters", "beta"), ("tunelab", "scenario"), ("tunelab", "method"),
+    *[("tunelab", "spec", "train", name) for name in ("seed", "batch_size", "max_steps", "max_seq_len", "lr", "epochs",
+                                                       "grad_accum", "warmup_ratio", "log_every")],
+    *[("tunelab", "spec", "method", name) for name in ("r", "alpha", "dropout", "target_modules")],
+    ("tunelab", "spec", "task", "instruction"), ("tunelab", "spec", "checkpoints", "keep_last"),
+    ("tunelab", "spec", "checkpoints", "every_steps"), ("tunelab", "spec", "eval", "max_examples"),
+]  # fmt: skip
+
+
+def test_hostile_values_anywhere_in_a_job_request(fuzzed: tuple[Any, Any, int]) -> None:
+    _, client, examples = fuzzed
+    file_id = client.get("/v1/files").json()["data"][-1]["id"]
+
+    @settings(max_examples=examples * 4, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(JOB_PATHS), value=HOSTILE_VALUES)
+    def probe(path: tuple[str, ...], value: Any) -> None:
+        body: dict[str, Any] = {
+            "model": "tiny",
+            "training_file": file_id,
+            "tunelab": {"spec": {"eval": {"enabled": False}}},
+        }
+        node = body
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        # json.dumps writes NaN, Infinity and \ud800 escapes, as a hostile client can.
+        raw = json.dumps(body).encode()
+        response = client.post("/v1/fine_tuning/jobs", data=raw, headers={"Content-Type": "application/json"})
+        SENT.append(1)
+        assert response.status_code < 500, (path, repr(value)[:80], response.text[:300])
+        if response.status_code >= 400:
+            assert response.json()["error"]["code"], response.text
+        else:  # accepted: it must be a value a job can hold, and listing it must work
+            client.post(f"/v1/fine_tuning/jobs/{response.json()['id']}/cancel")
+            assert client.get("/v1/fine_tuning/jobs").status_code == 200
 
     probe()
