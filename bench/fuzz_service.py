@@ -3,8 +3,8 @@
     .venv/bin/python bench/fuzz_service.py --examples 200
 
 Runs the two fuzz suites with TUNELAB_FUZZ_EXAMPLES examples per property: tests/test_service_fuzz.py (schemathesis
-from the service's OpenAPI schema, in-process, 17 operations: examples x 17 requests; on PostgreSQL too when
-TUNELAB_TEST_POSTGRES_URL is set) and tests/test_file_fuzz.py (hypothesis on the file checks: examples x 7 files).
+from the service's OpenAPI schema, in-process, 17 operations, plus hostile values in job requests: examples x 21
+requests; on PostgreSQL too when TUNELAB_TEST_POSTGRES_URL is set) and tests/test_file_fuzz.py (hypothesis on the file checks: examples x 7 files).
 Prints the counts and pytest's verdict; exits non-zero on any failure.
 """
 
@@ -29,7 +29,7 @@ def main() -> int:
     started = time.monotonic()
     command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *SUITES]
     result = subprocess.run(command, cwd=ROOT, env=env, check=False)
-    print(f"{args.examples} examples per property: about {args.examples * 17} requests and {args.examples * 7} files "
+    print(f"{args.examples} examples per property: about {args.examples * 21} requests and {args.examples * 7} files "
           f"in {time.monotonic() - started:.0f} s; exit {result.returncode}")  # fmt: skip
     return result.returncode
 

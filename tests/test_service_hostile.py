@@ -4,17 +4,21 @@ no probe may reach the database or the trainer."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from service_support import DATABASES, FAST, NO_EVAL, chat_file, fresh_store
+from service_support import DATABASES, FAST, NO_EVAL, chat_file, free_port, fresh_store
 from tunelab.job_service import files as files_module
 from tunelab.job_service.api import create_app
 from tunelab.job_service.files import validate_uploaded
@@ -281,3 +285,28 @@ def test_pause_and_resume_cost_no_crash_allowance(api: Hostile) -> None:
     assert api.store.leases.expire(api.settings.max_attempts, owner="w9") == [job_id]  # one lost worker
     row = api.store.jobs.by_id(job_id)
     assert row is not None and row.status == "queued" and row.attempts == 1
+
+
+def test_a_500_keeps_the_keep_alive_connection(api: Hostile, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a real socket: Starlette's own last-resort handler answered, then re-raised, and uvicorn reset the
+    connection, so the client's next request on it failed."""
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("tunelab.job_service.jobs.list_jobs", broken)
+    server = uvicorn.Server(uvicorn.Config(create_app(api.settings, api.store), port=free_port(), log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", server.config.port, timeout=10)
+        for _ in range(2):  # the same connection both times
+            connection.request("GET", "/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {api.key}"})
+            answer = connection.getresponse()
+            assert answer.status == 500 and json.loads(answer.read())["error"]["code"] == "internal_error"
+    finally:
+        server.should_exit = True
+        thread.join(10)
