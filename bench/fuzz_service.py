@@ -4,8 +4,8 @@
 
 Runs the two fuzz suites with TUNELAB_FUZZ_EXAMPLES examples per property: tests/test_service_fuzz.py (schemathesis
 from the service's OpenAPI schema, in-process, 17 operations, plus hostile values in job requests: examples x 21
-requests; on PostgreSQL too when TUNELAB_TEST_POSTGRES_URL is set) and tests/test_file_fuzz.py (hypothesis on the file checks: examples x 7 files).
-Prints the counts and pytest's verdict; exits non-zero on any failure.
+requests; on PostgreSQL too when TUNELAB_TEST_POSTGRES_URL is set) and tests/test_file_fuzz.py (hypothesis on the
+file checks: examples x 7 files). Prints the counts and pytest's verdict; exits non-zero on any failure.
 """
 
 from __future__ import annotations
