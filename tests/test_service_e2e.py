@@ -236,7 +236,7 @@ def test_cancel_a_running_job(live: Live) -> None:
 def test_pause_and_resume_continue_exactly(live: Live, reference: Reference) -> None:
     job = live.job(LONG, seed=SEED)
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 10)  # type: ignore[attr-defined]
-    assert live.client.fine_tuning.jobs.pause(job.id).status == "running"  # the worker pauses it after its step
+    assert live.client.fine_tuning.jobs.pause(job.id).status == "paused"  # where it is bound
     paused = live.wait(job.id, lambda j: j.status == "paused")
     step = paused.tunelab["step"]  # type: ignore[attr-defined]
     assert step in [cp.step_number for cp in live.client.fine_tuning.jobs.checkpoints.list(job.id)]

@@ -93,12 +93,14 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(store: Store) -> N
     job = _job(store, "p")
     for attempt in (1, 2):
         claimed = store.leases.claim(f"w{attempt}", lease_s=0.05)
-        assert claimed is not None and claimed.id == job.id and claimed.attempts == attempt
+        # attempts counts lost workers: a claim is not one
+        assert claimed is not None and claimed.id == job.id and claimed.attempts == attempt - 1
         assert store.leases.expire(max_attempts=2) == []  # not expired yet
         time.sleep(0.1)
         assert store.leases.expire(max_attempts=2) == [job.id]
     final = store.jobs.by_id(job.id)
     assert final is not None and final.status == "failed" and final.finished_at is not None
+    assert final.error is not None and final.error["code"] == "worker_lost" and final.error["message"]
     messages = [e.message for e in store.jobs.events("p", job.id, None, 10).items]
     assert any("queued again" in m for m in messages) and any("failed" in m for m in messages)
 

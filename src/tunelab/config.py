@@ -27,6 +27,12 @@ from pydantic import (
 
 from tunelab.errors import ConfigError, Problem
 
+# Upper bounds: what a CPU run can do, far past any sensible value, so a typo or a hostile request (the job
+# service builds specs from requests) is a clear error rather than an overflow or a run that never ends.
+MAX_STEPS = 10**7
+BIG_DIM = 2**12  # ranks, virtual tokens; x64 for sequence lengths
+MAX_TEXT = 2**14  # characters of an instruction (a system message)
+
 
 class _Spec(BaseModel):
     # extra="forbid": a typo'd key is an error that names the closest valid key, never silently ignored.
@@ -44,15 +50,24 @@ class ModelSpec(_Spec):
 
 class MethodSpec(_Spec):
     name: str = Field("lora", description="Fine-tuning method; `tunelab methods` lists them.")
-    r: int = Field(16, gt=0, description="Rank of LoRA-family updates.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) for rslora).")
+    r: int = Field(16, gt=0, le=BIG_DIM, description="Rank of LoRA-family updates.")
+    alpha: float = Field(
+        32.0,
+        gt=0,
+        le=1e6,
+        allow_inf_nan=False,
+        description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) for rslora).",
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
-    target_modules: list[str] | None = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None,
+        max_length=64,
         description="Module names to adapt; default fits the architecture (Llama q/k/v/o/gate/up/down, "
         "Phi-3 qkv_proj/o_proj/gate_up_proj/down_proj).",
     )
-    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prompt_tuning / prefix_tuning.")
+    num_virtual_tokens: int = Field(
+        16, gt=0, le=BIG_DIM, description="Virtual tokens for prompt_tuning / prefix_tuning."
+    )
     bits: Literal[4, 8] = Field(4, description="qlora: quantise the base to 4-bit NF4 (double quant.) or 8-bit.")
     compute_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="qlora: dtype of the matmuls.")
     dora: bool = Field(False, description="qlora: train a DoRA instead of a LoRA on the quantised base.")
@@ -92,8 +107,12 @@ class TaskSpec(_Spec):
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on system/user tokens (default: assistant/completion only)."
     )
-    instruction: str | None = Field(None, description="System message for the scenario (default: the scenario's).")
-    labels: list[str] | None = Field(None, description="classification: the label set (default: read from the data).")
+    instruction: str | None = Field(
+        None, max_length=MAX_TEXT, description="System message for the scenario (default: the scenario's)."
+    )
+    labels: list[Annotated[str, Field(max_length=1000)]] | None = Field(
+        None, max_length=10_000, description="classification: the label set (default: read from the data)."
+    )
     source_lang: str | None = Field(None, description="translation: source language (default: from the data).")
     target_lang: str | None = Field(None, description="translation: target language (default: from the data).")
     beta: float = Field(
@@ -182,28 +201,35 @@ class DataSpec(_Spec):
 
 
 class TrainSpec(_Spec):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(8, gt=0, description="Sequences (packed rows) per micro-batch.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(
+        1.0, gt=0, le=1000, allow_inf_nan=False, description="Passes over the training data (fractions allowed)."
+    )
+    max_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(8, gt=0, le=4096, description="Sequences (packed rows) per micro-batch.")
+    grad_accum: int = Field(1, gt=0, le=4096, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, le=10, allow_inf_nan=False, description="Peak learning rate.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_seq_len: int = Field(512, gt=8, description="Tokens per sequence; longer examples are truncated.")
+    weight_decay: float = Field(0.0, ge=0, le=10, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="Gradient clipping norm.")
+    max_seq_len: int = Field(
+        512, gt=8, le=BIG_DIM * 64, description="Tokens per sequence; longer examples are truncated."
+    )
     packing: bool | None = Field(
         None, description="Pack short examples into full rows (default: on, except for prompt/prefix tuning)."
     )
-    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower than fp32 on most CPUs).")
-    log_every: int = Field(1, gt=0, description="Log a metrics line every N steps.")
+    log_every: int = Field(1, gt=0, le=MAX_STEPS, description="Log a metrics line every N steps.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, about a third more compute."
     )
     global_batch_size: int | None = Field(
         None,
         gt=0,
+        le=2**24,
         description="Optional check: must equal batch_size x grad_accum x processes (DeepSpeed's train_batch_size).",
     )
 
@@ -226,18 +252,23 @@ class DistributedSpec(_Spec):
 
 
 class CheckpointSpec(_Spec):
-    every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (default: end only).")
-    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
+    every_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="Save a checkpoint every N steps (default: end only)."
+    )
+    keep_last: int = Field(2, gt=0, le=MAX_STEPS, description="Checkpoints kept on disk; older ones are deleted.")
 
 
 class EvalSpec(_Spec):
     enabled: bool = Field(True, description="Evaluate before and after training.")
-    max_examples: int | None = Field(None, gt=0, description="Cap on validation examples scored.")
-    samples: int = Field(4, ge=0, description="Sample generations shown side by side in the report.")
-    max_new_tokens: int | None = Field(None, gt=0, description="Generation length (default: the scenario's).")
+    max_examples: int | None = Field(None, gt=0, le=MAX_STEPS, description="Cap on validation examples scored.")
+    samples: int = Field(4, ge=0, le=1000, description="Sample generations shown side by side in the report.")
+    max_new_tokens: int | None = Field(
+        None, gt=0, le=BIG_DIM * 64, description="Generation length (default: the scenario's)."
+    )
     generations: int = Field(
         50,
         ge=0,
+        le=MAX_STEPS,
         description="Validation examples generated and scored by the task metric (a head scores all max_examples).",
     )
     classification: Literal["constrained", "generate", "both"] = Field(
@@ -251,7 +282,9 @@ class EvalSpec(_Spec):
         description="lm-eval tasks scored before and after training, e.g. [truthfulqa_mc1, truthfulqa_mc2] (bundled "
         "TruthfulQA split), any lm-eval task name, or a task of benchmark_include_path.",
     )
-    benchmark_limit: int | None = Field(None, gt=0, description="Documents scored per benchmark (default: all).")
+    benchmark_limit: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="Documents scored per benchmark (default: all)."
+    )
     benchmark_include_path: Path | None = Field(None, description="A folder of your own lm-eval task YAML files.")
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import DataError, Problem
+
+MAX_DEPTH = 64  # a chat row with tools nests about 10 deep; json's own parser gives up near 1,000
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -35,15 +40,55 @@ def iter_jsonl(path: Path) -> Iterator[Row | Problem]:
                 continue
             where = f"{path.name}:{number}"
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig: a byte order mark at the start of the file (Azure's docs ask for one) is not content.
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 yield Problem(where, f"not UTF-8 (byte {exc.start})", "re-save the file as UTF-8", "invalid_encoding")
                 continue
+            yield _parsed(number, where, text)
+
+
+def _parsed(number: int, where: str, text: str) -> Row | Problem:
+    # The depth is checked on the text first: json's parser recurses, and a line of brackets would end it (and
+    # whoever reads the file) with a RecursionError rather than an error about that line.
+    if _nesting(text) > MAX_DEPTH:
+        return Problem(where, f"JSON nested more than {MAX_DEPTH} levels deep", "flatten the row", "json_too_deep")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Problem(where, f"invalid JSON: {json_cause(exc, text)}", "each line must be one JSON object",
+                       "invalid_json")  # fmt: skip
+    if _has_lone_surrogate(value):
+        # "\ud800" is valid JSON but no text: tokenizers and UTF-8 writers fail on it at training time.
+        return Problem(where, "a string holds a lone UTF-16 surrogate (an escape like \\ud800)",
+                       "remove or fix the escape", "invalid_encoding")  # fmt: skip
+    return Row(number, value)
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting outside strings, without recursion (strings are cut out first)."""
+    depth = deepest = 0
+    for char in _BRACKETS.findall(_STRINGS.sub('""', text)):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
             try:
-                yield Row(number, json.loads(text))
-            except json.JSONDecodeError as exc:
-                yield Problem(where, f"invalid JSON: {json_cause(exc, text)}", "each line must be one JSON object",
-                              "invalid_json")  # fmt: skip
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 # json's messages for the usual mistakes, in plain words (its own end in "at", e.g. "Invalid control character at").

@@ -3,6 +3,7 @@ request path with tunelab's OpenAI-style data checks; deleted only when no unfin
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import unicodedata
@@ -22,6 +23,7 @@ from tunelab.job_service.jobs import advance_validating
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Page, Store
 
+log = logging.getLogger("tunelab.job_service.files")
 _UNSAFE = re.compile(r"[^\w. -]+")  # letters of any script stay; controls, slashes and quotes go
 _LINE = re.compile(r":(\d+)")
 CHUNK = 2**20
@@ -71,7 +73,10 @@ def delete_file(store: Store, project_id: str, file_id: str) -> None:
 def validate_uploaded(settings: ServiceSettings, store: Store, rows: Iterable[FileRow]) -> None:
     """Validate the files, then move on the jobs that were waiting for them."""
     for row in rows:
-        validate_stored_file(store, row, settings.max_line_bytes)
+        try:
+            validate_stored_file(store, row, settings.max_line_bytes)
+        except Exception:  # the store itself failed: log it, and let the next file (and restart) try again
+            log.exception("validating %s", row.id)
     advance_validating(settings, store)
 
 
@@ -133,10 +138,32 @@ def _first_row_is_pair(path: Path) -> bool:
 
 
 def validate_stored_file(store: Store, row: FileRow, max_line_bytes: int) -> FileCheck:
-    check = check_file(Path(row.path), max_line_bytes)
+    try:
+        check = check_file(Path(row.path), max_line_bytes)
+    except Exception as exc:  # any crash of a check is this file's error, never an endless `uploaded`
+        log.exception("validating %s", row.id)
+        check = _result(0, [_crash_problem(Path(row.path), exc)])
     status = "processed" if check.ok else "error"
     store.files.finish_validation(row.id, status, check.details, check.problems, check.n_examples)
     return check
+
+
+def _crash_problem(path: Path, exc: Exception) -> Problem:
+    # The line is the one being read when it failed, when the traceback says so; the file otherwise.
+    line = _failing_line(exc)
+    where = f"{path.name}:{line}" if line else path.name
+    return Problem(where, f"the file could not be validated ({type(exc).__name__})", "check the file's rows",
+                   "validation_failed")  # fmt: skip
+
+
+def _failing_line(exc: BaseException) -> int | None:
+    tb = exc.__traceback__
+    while tb is not None:
+        number = tb.tb_frame.f_locals.get("number")
+        if isinstance(number, int):
+            return number
+        tb = tb.tb_next
+    return None
 
 
 def delete_file_content(row: FileRow) -> None:
@@ -172,9 +199,14 @@ def _problem_dict(problem: Problem) -> dict[str, Any]:
         "code": problem.code or "invalid_file_format",
         "line": int(match.group(1)) if match else None,
         "where": problem.where,
-        "message": problem.message,
-        "hint": problem.hint,
+        "message": storable(problem.message),
+        "hint": storable(problem.hint) if problem.hint else problem.hint,
     }
+
+
+def storable(text: str) -> str:
+    """A message may quote the file: PostgreSQL's text refuses NUL, and no database's UTF-8 a lone surrogate."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def describe(problems: list[dict[str, Any]], shown: int = 5) -> str:

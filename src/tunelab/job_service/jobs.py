@@ -4,11 +4,16 @@ machine moves the job: validating_files -> queued -> running -> succeeded | fail
 
 from __future__ import annotations
 
+import functools
+import json
 import secrets
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import JobSpec, TrainSpec, load_spec
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from safetensors import safe_open
+
+from tunelab.config import CheckpointSpec, EvalSpec, JobSpec, MethodSpec, TaskSpec, TrainSpec, load_spec
 from tunelab.errors import ConfigError, Problem
 from tunelab.job_service.db import CheckpointRow, EventRow, FileRow, JobRow
 from tunelab.job_service.errors import ApiError, bad_request, not_found
@@ -18,9 +23,17 @@ from tunelab.job_service.settings import MODEL_NAME, ServiceSettings
 from tunelab.job_service.store import Event, Page, Store
 
 DEFAULT_LR: float = TrainSpec.model_fields["lr"].default
+MAX_KEEP = 1000  # checkpoints kept as models per job: each is a folder on disk and a row the API lists
 # The training loop keeps every checkpoint; the service prunes them itself, after recording each one as a model.
 LOOP_KEEP_ALL = 1_000_000
-SPEC_SECTIONS = ("method", "task", "train", "checkpoints", "eval")
+SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "method": MethodSpec,
+    "task": TaskSpec,
+    "train": TrainSpec,
+    "checkpoints": CheckpointSpec,
+    "eval": EvalSpec,
+}
+SPEC_SECTIONS = tuple(SECTION_MODELS)
 HYPER_FIELDS = {"n_epochs": "epochs", "batch_size": "batch_size"}
 
 
@@ -67,14 +80,16 @@ def build_spec(
 ) -> tuple[JobSpec, int, int]:
     """The JobSpec of a request, its seed, and how many checkpoints the service keeps; every problem is a 400."""
     sections = _spec_sections(req.tunelab.spec)
+    _check_spec_types(sections)
     train = sections["train"]
     hyper = _hyperparameters(req)
     _apply_hyperparameters(train, hyper, req.method.type if req.method else "supervised")
     seed = _seed(train, req.seed)
     checkpoints = sections["checkpoints"]
     keep = checkpoints.pop("keep_last", settings.keep_checkpoints)
-    if not isinstance(keep, int) or keep < 1:
-        raise bad_request("invalid_spec", "checkpoints.keep_last must be a positive integer", "tunelab.spec")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= MAX_KEEP:
+        message = f"checkpoints.keep_last must be an integer from 1 to {MAX_KEEP}"
+        raise bad_request("invalid_spec", message, "tunelab.spec.checkpoints.keep_last")
     checkpoints.setdefault("every_steps", settings.checkpoint_every)
     checkpoints["keep_last"] = LOOP_KEEP_ALL
     raw: dict[str, Any] = {
@@ -88,9 +103,64 @@ def build_spec(
         "output_dir": str((settings.jobs_dir / job_id).resolve()),
     }
     try:
-        return load_spec(None, base=raw), seed, keep
+        spec = load_spec(None, base=raw)
     except ConfigError as exc:
         raise _spec_error(exc.problems) from None
+    _check_target_modules(base_path, spec.method.target_modules)
+    return spec, seed, keep
+
+
+def _check_spec_types(sections: dict[str, dict[str, Any]]) -> None:
+    """Each field the request sets, checked strictly against its JobSpec type: YAML's loader coerces ("8" is 8,
+    true is 1), and a request deserves OpenAI's strictness. Bounds and the rest are load_spec's."""
+    for section, values in sections.items():
+        fields = SECTION_MODELS[section].model_fields
+        for key, value in values.items():
+            if key not in fields:
+                continue  # load_spec names unknown fields, with a suggestion
+            try:
+                _strict_adapter(section, key).validate_json(json.dumps(value), strict=True)
+            except ValidationError as exc:
+                param = f"tunelab.spec.{section}.{key}"
+                message = f"Invalid value for '{param}': {exc.errors()[0]['msg']}."
+                raise bad_request("invalid_spec", message, param) from None
+            except (ValueError, RecursionError):
+                raise bad_request("invalid_spec", f"Invalid value for 'tunelab.spec.{section}.{key}'.") from None
+
+
+@functools.cache
+def _strict_adapter(section: str, key: str) -> TypeAdapter[Any]:
+    return TypeAdapter(SECTION_MODELS[section].model_fields[key].annotation or Any)
+
+
+def _check_target_modules(base_path: str, targets: list[str] | None) -> None:
+    """Unknown target modules failed only at training; the weights' names say which modules the model has."""
+    if not targets:
+        return
+    names = module_names(Path(base_path))
+    if names is None:  # not a safetensors folder: training will tell
+        return
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise bad_request(
+            "invalid_spec",
+            f"target_modules {unknown} are not modules of this model; it has: {', '.join(leaves)}.",
+            "tunelab.spec.method.target_modules",
+        )
+
+
+@functools.cache
+def module_names(folder: Path) -> frozenset[str] | None:
+    """Names of the modules that hold weights, read from the safetensors headers (no weights are loaded)."""
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="np") as handle:
+            names.update(key.rsplit(".", 1)[0] for key in handle.keys())  # noqa: SIM118 (not iterable)
+    return frozenset(names)
 
 
 def resolved_hyperparameters(spec: JobSpec) -> dict[str, Any]:
@@ -184,6 +254,9 @@ def _base_model(settings: ServiceSettings, name: str) -> str:
             f"Model {name!r} cannot be fine-tuned here; available base models: {', '.join(sorted(models))}.",
             "model",
         )
+    path = models[name]
+    if path != "embedded" and not Path(path).exists():  # configured, but its folder is gone: training would fail
+        raise bad_request("model_not_available", f"Model {name!r} is configured but its files are missing.", "model")
     return models[name]
 
 
@@ -288,6 +361,7 @@ def _apply_hyperparameters(train: dict[str, Any], hyper: Hyperparameters, method
 
 
 def _seed(train: dict[str, Any], seed: int | None) -> int:
+    # train.seed's type was checked strictly (_check_spec_types) and its range is checked by load_spec.
     if seed is not None and "seed" in train and train["seed"] != seed:
         raise bad_request("invalid_request", "seed and tunelab.spec.train.seed differ: give only one.", "seed")
     chosen = seed if seed is not None else train.get("seed")

@@ -8,21 +8,30 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+# Bounds are what a CPU can train on, not what a type can hold: an n_epochs of 2**63 overflowed the database's
+# progress columns in the worker. The JobSpec bounds the same fields again (tunelab.config), for YAML specs too.
+MAX_EPOCHS = 1000
+MAX_BATCH = 4096
+MAX_LR_MULTIPLIER = 1000.0
+MAX_SEED = 2**32 - 1  # numpy's seeds end here; torch's and the database's later
+Epochs = Annotated[int, Field(gt=0, le=MAX_EPOCHS)]
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+Multiplier = Annotated[float, Field(gt=0, le=MAX_LR_MULTIPLIER, allow_inf_nan=False)]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "8" or true is no batch size. OpenAI refuses them; coercing them hid client bugs.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # Requests.
 
 
 class Hyperparameters(_Request):
-    n_epochs: Literal["auto"] | PositiveInt = "auto"
-    batch_size: Literal["auto"] | PositiveInt = "auto"
-    learning_rate_multiplier: Literal["auto"] | PositiveFloat = "auto"
+    n_epochs: Literal["auto"] | Epochs = "auto"
+    batch_size: Literal["auto"] | BatchSize = "auto"
+    learning_rate_multiplier: Literal["auto"] | Multiplier = "auto"
 
 
 class Supervised(_Request):
@@ -30,7 +39,7 @@ class Supervised(_Request):
 
 
 class DpoHyperparameters(Hyperparameters):
-    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
+    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = "auto"
 
 
 class DpoIn(_Request):
@@ -47,8 +56,8 @@ class MethodIn(_Request):
 class TunelabOptions(_Request):
     """tunelab's extension of the job request (`extra_body={"tunelab": {...}}` with the openai client)."""
 
-    scenario: str = Field("chat", description="The JobSpec's task.scenario.")
-    method: str = Field("lora", description="A tunelab method: lora, dora, rslora, ia3, ... (`tunelab methods`).")
+    scenario: Name = Field("chat", description="The JobSpec's task.scenario.")
+    method: Name = Field("lora", description="A tunelab method: lora, dora, rslora, ia3, ... (`tunelab methods`).")
     spec: dict[str, Any] = Field(
         default_factory=dict,
         description="Further JobSpec fields by section (method, task, train, checkpoints, eval), validated as in YAML.",
@@ -56,17 +65,17 @@ class TunelabOptions(_Request):
 
 
 class JobCreate(_Request):
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    suffix: str | None = None  # checked by jobs.create_job: up to 64 of [A-Za-z0-9._-]
-    seed: int | None = None
+    model: Name
+    training_file: Name
+    validation_file: Name | None = None
+    suffix: Annotated[str, Field(max_length=64)] | None = None  # jobs.create_job: up to 64 of [A-Za-z0-9._-]
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16
     )
     method: MethodIn | None = None
     hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method; still accepted
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=16)
     tunelab: TunelabOptions = TunelabOptions()
 
 
@@ -138,7 +147,7 @@ class FineTuningJob(BaseModel):
     training_file: str
     validation_file: str | None = None
     estimated_finish: int | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=16)
     metadata: dict[str, str] | None = None
     method: JobMethod
     tunelab: dict[str, Any] = Field(description="tunelab's extension: scenario, method and the resolved JobSpec.")

@@ -104,7 +104,7 @@ class Worker:
         self._stop_reason, self._absorbed_at, self._resent = None, None, False
         resume_from = latest_checkpoint(RunLayout(Path(spec.output_dir)).checkpoints)
         started = f"Resuming from checkpoint {resume_from.name}" if resume_from else "Fine-tuning job started"
-        self.store.jobs.add_events(job.id, [Event(started, data={"worker": self.id, "attempt": job.attempts})])
+        self.store.jobs.add_events(job.id, [Event(started, data={"worker": self.id, "lost_workers": job.attempts})])
         event_log = EventLog(self.store, job.id, spec)
         console = Console(file=event_log, force_terminal=False, color_system=None, width=400)  # type: ignore[arg-type]
         summary: RunSummary | None = None
@@ -240,4 +240,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

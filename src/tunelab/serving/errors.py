@@ -8,16 +8,21 @@ reaches the client in the one shape the official clients turn into their typed e
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunelab.serving.schemas import UNSUPPORTED, ErrorDetail, ErrorResponse
 
 log = logging.getLogger("tunelab.serving")
+# The names pydantic gives the members of a union in an error's location (`n_epochs.literal['auto']`,
+# `seed.int`): they are no parameter of the request, so the param names the field alone.
+_UNION_TAG = re.compile(r"[a-z-]+\[.*\]|int|float|str|bool|none|constrained-\w+|json-or-python|\[key\]")
 
 
 class ApiError(Exception):
@@ -73,6 +78,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 def validation_error(error: Any) -> ApiError:
     loc = [part for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    loc = [part for part in loc if not (isinstance(part, str) and _UNION_TAG.fullmatch(part))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     kind = error.get("type", "")
     if kind == "json_invalid":
@@ -89,9 +95,38 @@ def validation_error(error: Any) -> ApiError:
 
 
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    # FastAPI's only 400 is a body it could not parse at all (too deep for json, say): the same answer as bad JSON.
+    code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return ApiError(exc.status_code, code, str(exc.detail), None, kind).response()
+
+
+class CatchAll:
+    """An unexpected exception answered as OpenAI's 500, inside the app. Starlette's own last-resort handler sends
+    the same answer but then re-raises, and the server closes the keep-alive connection; here the exception ends
+    with its response. Installed innermost (add_middleware before any other), so the other middlewares still see
+    a response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:  # part of a response is out already: only closing the connection can tell the client
+                raise
+            await server_error().response()(scope, receive, send)
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:

@@ -62,10 +62,12 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=2**20)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1, description="vLLM's extra-body top_k; 0 and -1 keep every token.")] | None = None
+    top_k: (
+        Annotated[int, Field(ge=-1, le=2**24, description="vLLM's extra-body top_k; 0 and -1 keep every token.")] | None
+    ) = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     n: Annotated[int, Field(ge=1, le=8)] | None = None  # None: 1 (clients may send any of these as null)
@@ -74,8 +76,9 @@ class _Request(BaseModel):
     stop: Stop = Field(
         None, description="Up to 4 strings: the reply ends before the first one generated, which is not included."
     )
-    seed: int | None = None
-    user: str | None = None
+    # torch seeds its generator with a 64-bit integer: a larger seed was a 500 (OverflowError) deep in sampling.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
     logit_bias: dict[str, float] | None = None  # token id -> bias, checked against the vocabulary by the engine
     logprobs: Annotated[Any, only(None, False, 0)] = None  # chat: a bool; completions: an int (0 returns none)
 

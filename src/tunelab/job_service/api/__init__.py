@@ -10,17 +10,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunelab.job_service.api import chat, files, jobs, models
 from tunelab.job_service.api.deps import ServiceContext
+from tunelab.job_service.api.guard import check_request
 from tunelab.job_service.errors import ApiError
 from tunelab.job_service.files import validate_uploaded
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Store
-from tunelab.serving.errors import install_error_handlers
+from tunelab.serving.errors import CatchAll, install_error_handlers
 
 log = logging.getLogger("tunelab.job_service.api")
 STREAM_WAITERS = 32  # chat streams served at once (generation itself is one at a time)
@@ -39,11 +40,13 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         threading.Thread(target=_catch_up, args=(ctx,), daemon=True, name="catch-up").start()
         yield
 
-    app = FastAPI(title="tunelab service", version="1", lifespan=lifespan)
+    # The guard runs before every route's own parameters: hostile strings and numbers never reach a query.
+    app = FastAPI(title="tunelab service", version="1", lifespan=lifespan, dependencies=[Depends(check_request)])
     app.state.ctx = ctx
     for module in (files, jobs, models, chat):
         app.include_router(module.router)
     install_error_handlers(app)  # the serving engine's: one error shape for every route of both servers
+    app.add_middleware(CatchAll)  # first added, innermost: an unexpected error is a 500 that keeps the connection
     app.add_middleware(UploadLimit, limit=settings.max_file_bytes + UPLOAD_OVERHEAD)
 
     @app.get("/healthz", include_in_schema=False)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from tunelab.job_service import jobs as service
 from tunelab.job_service.api.deps import ContextDep, ProjectDep
 from tunelab.job_service.api.views import checkpoint_view, event_view, fast_json, job_view
+from tunelab.job_service.db import JobRow
 from tunelab.job_service.schemas import FineTuningJob, JobCheckpoint, JobCreate, JobEvent, ListPage
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -50,12 +51,21 @@ def retrieve_job(ctx: ContextDep, project: ProjectDep, job_id: str) -> Response:
 
 @router.post("/{job_id}/cancel")
 def cancel_job(ctx: ContextDep, project: ProjectDep, job_id: str) -> FineTuningJob:
-    return job_view(service.cancel_job(ctx.store, project.id, job_id))
+    return _bound_for(service.cancel_job(ctx.store, project.id, job_id), "cancel", "cancelled")
 
 
 @router.post("/{job_id}/pause")
 def pause_job(ctx: ContextDep, project: ProjectDep, job_id: str) -> FineTuningJob:
-    return job_view(service.pause_job(ctx.store, project.id, job_id))
+    return _bound_for(service.pause_job(ctx.store, project.id, job_id), "pause", "paused")
+
+
+def _bound_for(row: JobRow, control: str, status: str) -> FineTuningJob:
+    """A running job stops after its current step; OpenAI's answer (and its clients' checks) already show the
+    state it is bound for. Retrieving the job shows `running` until the worker has actually stopped it."""
+    view = job_view(row)
+    if row.status == "running" and row.control == control:
+        return view.model_copy(update={"status": status, "estimated_finish": None})
+    return view
 
 
 @router.post("/{job_id}/resume")

@@ -34,7 +34,8 @@ class LeaseRepository:
         self.db = db
 
     def claim(self, worker: str, lease_s: float) -> JobRow | None:
-        """The oldest queued job, leased to `worker`; None when the queue is empty."""
+        """The oldest queued job, leased to `worker`; None when the queue is empty. A claim is no loss: `attempts`
+        counts lost workers only (see expire), so pause/resume and graceful restarts cost no crash allowance."""
         queued = select(JobRow.id).where(JobRow.status == "queued").order_by(JobRow.seq).limit(8)
         with self.db.read() as s:  # idle workers poll: only take the write lock when there is something to claim
             if s.scalar(queued) is None:
@@ -48,7 +49,6 @@ class LeaseRepository:
                         status="running",
                         lease_owner=worker,
                         lease_expires_at=now() + lease_s,
-                        attempts=JobRow.attempts + 1,
                         control=None,
                     )
                 )
@@ -106,15 +106,23 @@ class LeaseRepository:
         with self.db.write() as s:
             for job in list(s.scalars(stmt)):
                 status, event = _after_lost_worker(job, max_attempts)
+                values = _ended(status) | ({"error": _lost_error(job.attempts + 1)} if status == "failed" else {})
                 done = s.execute(
                     update(JobRow)
                     .where(JobRow.id == job.id, JobRow.status == "running", JobRow.lease_owner == job.lease_owner)
-                    .values(status=status, lease_owner=None, lease_expires_at=None, control=None, **_ended(status))
-                )
+                    .values(status=status, lease_owner=None, lease_expires_at=None, control=None,
+                            attempts=JobRow.attempts + 1, **values)
+                )  # fmt: skip
                 if done.rowcount:  # type: ignore[attr-defined]
                     add_events(s, job.id, [event])
                     moved.append(job.id)
         return moved
+
+
+def _lost_error(lost: int) -> dict[str, Any]:
+    # A failed job always says why: clients read `error`, not the events.
+    message = f"The worker running this job was lost {lost} time(s) (killed, or out of memory); the job failed."
+    return {"code": "worker_lost", "message": message, "param": None}
 
 
 def _held(job_id: str, worker: str) -> tuple[Any, ...]:
@@ -131,6 +139,7 @@ def _after_lost_worker(job: JobRow, max_attempts: int) -> tuple[str, Event]:
         return "cancelled", Event("Worker lost; the job was cancelled as requested")
     if job.control == "pause":
         return "paused", Event("Worker lost; the job is paused as requested (resume continues from the checkpoint)")
-    if job.attempts >= max_attempts:
-        return "failed", Event(f"Worker lost {job.attempts} time(s); the job failed", level="error")
+    lost = job.attempts + 1
+    if lost >= max_attempts:
+        return "failed", Event(f"Worker lost {lost} time(s); the job failed", level="error")
     return "queued", Event("Worker lost; the job is queued again and resumes from its last checkpoint", level="warn")
