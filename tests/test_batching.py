@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from test_serve import make_adapter
 from tunelab.data.render import encode_prompt
@@ -117,3 +117,16 @@ def test_an_abandoned_request_does_not_hold_the_batch(engine: TorchEngine) -> No
     tokens.close()
     assert not engine.scheduler.running
     assert alone(engine, ASKS[4]) == alone(engine, ASKS[4])
+
+
+def test_a_sliding_window_model_decodes_each_request_alone(tiny_phi3_dir: Path) -> None:
+    """A sliding-window cache cannot be padded and sliced like a full one: such requests still run concurrently
+    and answer as alone, one forward each."""
+    config = AutoConfig.from_pretrained(tiny_phi3_dir, sliding_window=4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, config=config)
+    engine = TorchEngine("tiny", model, AutoTokenizer.from_pretrained(tiny_phi3_dir))
+    asks = [Ask("tiny", ask.question, ask.sampling) for ask in ASKS[:4]]
+    expected = [alone(engine, ask) for ask in asks]
+    with ThreadPoolExecutor(max_workers=len(asks)) as pool:
+        assert list(pool.map(lambda ask: alone(engine, ask), asks)) == expected
+    assert engine.scheduler.batches == 0
