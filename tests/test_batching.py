@@ -130,3 +130,18 @@ def test_a_sliding_window_model_decodes_each_request_alone(tiny_phi3_dir: Path) 
     with ThreadPoolExecutor(max_workers=len(asks)) as pool:
         assert list(pool.map(lambda ask: alone(engine, ask), asks)) == expected
     assert engine.scheduler.batches == 0
+
+
+def test_the_scheduler_thread_ends_when_idle(engine: TorchEngine) -> None:
+    scheduler = engine.scheduler
+    scheduler.idle_s = 0.0
+    try:
+        alone(engine, ASKS[0])
+        thread = scheduler.thread
+        if thread is not None:
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+        assert scheduler.thread is None
+        assert alone(engine, ASKS[0]) == alone(engine, ASKS[0])  # and a new one starts with the next request
+    finally:
+        scheduler.idle_s = 30.0

@@ -53,13 +53,16 @@ class Step:
 
 
 class BatchScheduler:
-    """The engine's one forward-pass thread. It runs only while requests are running or waiting, so an engine
+    """The engine's one forward-pass thread. It ends once no request has run or waited for `idle_s`, so an engine
     that nobody uses (or that the job service dropped) holds no thread."""
 
     def __init__(self, activate: Activate, lock: threading.Lock, max_batch: int = 16, gather_s: float = 0.005) -> None:
         self.activate, self.lock = activate, lock
         self.max_batch = max_batch  # 1: every step alone, as before batching
         self.gather_s = gather_s  # how long a step waits for the other running requests' next steps
+        # An idle thread lingers before it ends: torch's OpenMP pool belongs to the thread that calls the model, and a
+        # new thread for every burst of requests would build a new pool each time.
+        self.idle_s = 30.0
         self.cond = threading.Condition()
         self.pending: list[Step] = []
         self.running: set[Slot] = set()  # requests past their first step and not closed
@@ -96,9 +99,7 @@ class BatchScheduler:
     def _gather(self) -> list[Step] | None:
         """The steps to run now, or None (the thread ends) when no request is running or waiting."""
         with self.cond:
-            if not self.pending:
-                self.cond.wait_for(lambda: self.pending or not self.running, timeout=1.0)
-            if not self.pending:
+            if not self.cond.wait_for(lambda: self.pending, timeout=self.idle_s):
                 if not self.running:
                     self.thread = None
                     return None
