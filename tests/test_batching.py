@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from peft import IA3Config, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from test_serve import make_adapter
@@ -73,6 +75,7 @@ def test_concurrent_requests_share_passes_and_answer_as_alone(engine: TorchEngin
         answers = list(pool.map(run, ASKS))
     assert answers == expected
     assert engine.scheduler.batches > 0
+    assert engine.scheduler.mixed_batches > 0  # LoRA adapters and the base rows in one forward
     assert not engine.scheduler.running and all(users == 0 for users in engine.registry.loaded.values())
 
 
@@ -145,3 +148,28 @@ def test_the_scheduler_thread_ends_when_idle(engine: TorchEngine) -> None:
         assert alone(engine, ASKS[0]) == alone(engine, ASKS[0])  # and a new one starts with the next request
     finally:
         scheduler.idle_s = 30.0
+
+
+def test_adapters_that_cannot_mix_are_batched_one_adapter_a_pass(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """IA3 has no mixed batches in PEFT: each adapter's requests share their own forward passes."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    adapters = {name: make_ia3(tiny_llama_dir, tmp_path / name, seed) for name, seed in (("alpha", 1), ("beta", 3))}
+    engine = TorchEngine("tiny", model, AutoTokenizer.from_pretrained(tiny_llama_dir), adapters, max_adapters=2)
+    engine.scheduler.gather_s = 30.0
+    expected = [alone(engine, ask) for ask in ASKS]
+    with ThreadPoolExecutor(max_workers=len(ASKS)) as pool:
+        assert list(pool.map(lambda ask: alone(engine, ask), ASKS)) == expected
+    assert engine.scheduler.batches > 0 and engine.scheduler.mixed_batches == 0
+
+
+def make_ia3(base_dir: Path, out: Path, seed: int) -> Path:
+    """An IA3 adapter with scales away from 1, so that it changes the answers."""
+    torch.manual_seed(seed)
+    config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "ia3_l" in name:
+                parameter.uniform_(0.2, 2.0)
+    peft.save_pretrained(str(out))
+    return out

@@ -7,8 +7,9 @@ waiting briefly until every running request has sent its next one, then runs:
 
 - a prompt (several tokens, no cache yet) alone: prompts differ in length, and a padded prompt would put
   fully masked rows into attention;
-- the one-token decode steps together, one forward per adapter (PEFT switches adapters for the whole model):
-  the requests' caches are left-padded to the longest, the padding masked out, each new token at its own position.
+- the one-token decode steps together: the requests' caches left-padded to the longest, the padding masked out,
+  each new token at its own position. Requests on different LoRA adapters (and the base) share one forward through
+  PEFT's mixed batches (`adapter_names=`, one adapter a row); other adapter kinds get one forward per adapter.
   Afterwards each request keeps its slice of the batch's cache, so a request can join or leave between any two
   steps (continuous batching).
 
@@ -21,14 +22,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-# "The model to call for this adapter": the engine's, called with its lock held.
-Activate = Callable[[str | None], torch.nn.Module]
+from tunelab.serving.adapters import AdapterRegistry
 
 
 @dataclass(eq=False)
@@ -56,8 +56,10 @@ class BatchScheduler:
     """The engine's one forward-pass thread. It ends once no request has run or waited for `idle_s`, so an engine
     that nobody uses (or that the job service dropped) holds no thread."""
 
-    def __init__(self, activate: Activate, lock: threading.Lock, max_batch: int = 16, gather_s: float = 0.005) -> None:
-        self.activate, self.lock = activate, lock
+    def __init__(
+        self, registry: AdapterRegistry, lock: threading.Lock, max_batch: int = 16, gather_s: float = 0.005
+    ) -> None:
+        self.registry, self.lock = registry, lock  # the registry is used with the lock held
         self.max_batch = max_batch  # 1: every step alone, as before batching
         self.gather_s = gather_s  # how long a step waits for the other running requests' next steps
         # An idle thread lingers before it ends: torch's OpenMP pool belongs to the thread that calls the model, and a
@@ -68,6 +70,7 @@ class BatchScheduler:
         self.running: set[Slot] = set()  # requests past their first step and not closed
         self.thread: threading.Thread | None = None
         self.batches = 0  # forward passes of more than one request (tests check batching happened)
+        self.mixed_batches = 0  # of which over rows of different adapters
 
     def feed(self, seq: Slot, tokens: Sequence[int]) -> torch.Tensor:
         """Blocks until `tokens` went through the model after `seq`'s cache; the next-token logits (1-D)."""
@@ -93,7 +96,9 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         while (steps := self._gather()) is not None:
-            for group in _groups(steps, self.max_batch):
+            with self.lock:
+                mixable = self.registry.mixable()
+            for group in _groups(steps, self.max_batch, mixable):
                 self._run(group)
 
     def _gather(self) -> list[Step] | None:
@@ -113,11 +118,17 @@ class BatchScheduler:
 
     def _run(self, steps: list[Step]) -> None:
         try:
+            adapters = [step.seq.adapter for step in steps]
             with self.lock, torch.inference_mode():
-                model = self.activate(steps[0].seq.adapter)
-                logits = _forward_one(model, steps[0]) if len(steps) == 1 else _forward_batch(model, steps)
+                if len(set(adapters)) > 1:  # LoRA adapters mixed in one batch, each row its own
+                    names = [name or "__base__" for name in adapters]
+                    logits = _forward_batch(self.registry.mixed(), steps, names)
+                else:
+                    model = self.registry.activate(adapters[0])
+                    logits = _forward_one(model, steps[0]) if len(steps) == 1 else _forward_batch(model, steps)
             if len(steps) > 1:
                 self.batches += 1
+                self.mixed_batches += len(set(adapters)) > 1
             for step, row in zip(steps, logits, strict=True):
                 step.logits = row
         except Exception as exc:  # the requests in this pass fail; the scheduler goes on with the others
@@ -127,14 +138,14 @@ class BatchScheduler:
             step.done.set()
 
 
-def _groups(steps: list[Step], max_batch: int) -> list[list[Step]]:
-    """Prompts one by one, first (a new request's first token soonest); then decode steps by adapter, in
-    batches of at most `max_batch`."""
+def _groups(steps: list[Step], max_batch: int, mixable: bool) -> list[list[Step]]:
+    """Prompts one by one, first (a new request's first token soonest); then the decode steps in batches of at most
+    `max_batch`: all together when the adapters can be mixed in one batch, else one adapter a batch."""
     alone = [[s] for s in steps if not s.batchable]
     by_adapter: dict[str | None, list[Step]] = defaultdict(list)
     for step in steps:
         if step.batchable:
-            by_adapter[step.seq.adapter].append(step)
+            by_adapter[None if mixable else step.seq.adapter].append(step)
     batches = [group[i : i + max_batch] for group in by_adapter.values() for i in range(0, len(group), max_batch)]
     return alone + batches
 
@@ -147,8 +158,11 @@ def _forward_one(model: torch.nn.Module, step: Step) -> list[torch.Tensor]:
     return [out.logits[0, -1].float()]
 
 
-def _forward_batch(model: torch.nn.Module, steps: list[Step]) -> list[torch.Tensor]:
-    """One decode step for several requests: their caches left-padded to the longest, the padding masked."""
+def _forward_batch(
+    model: torch.nn.Module, steps: list[Step], adapter_names: list[str] | None = None
+) -> list[torch.Tensor]:
+    """One decode step for several requests: their caches left-padded to the longest, the padding masked.
+    `adapter_names`: each row's adapter, for a PEFT model serving several in one batch."""
     caches = [_kv(step.seq.cache) for step in steps]  # per request, per layer: (keys, values), [1, heads, len, dim]
     lengths = [layers[0][0].shape[2] for layers in caches]
     longest = max(lengths)
@@ -163,6 +177,7 @@ def _forward_batch(model: torch.nn.Module, steps: list[Step]) -> list[torch.Tens
         past_key_values=_cache_of(padded),
         use_cache=True,
         logits_to_keep=1,
+        **({} if adapter_names is None else {"adapter_names": adapter_names}),
     )
     merged = _kv(out.past_key_values)
     for row, (step, length) in enumerate(zip(steps, lengths, strict=True)):

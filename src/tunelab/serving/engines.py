@@ -2,9 +2,10 @@
 service keeps each fine-tuned model), or one ONNX export. A request's model comes out as a `ServedModel`.
 
 PyTorch requests run concurrently and share forward passes: the engine's `BatchScheduler` (serving/batching.py)
-runs the decode steps of all running requests on one adapter as one batch, and lets requests join and leave
-between steps. Each forward pass holds the engine's lock: PEFT's adapter switch and the model are shared state.
-ONNX requests are not batched: they take turns one token at a time, each step holding the engine's lock.
+runs the decode steps of all running requests as one batch (one per adapter, unless PEFT can mix them: LoRA), and
+lets requests join and leave between steps. Each forward pass holds the engine's lock: PEFT's adapter switch and
+the model are shared state. ONNX requests are not batched: they take turns one token at a time, each step holding
+the engine's lock.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class TorchEngine:
         self.base_id, self.tokenizer = base_id, tokenizer
         self.registry = AdapterRegistry(model.eval(), adapters, max_adapters)
         self.lock = threading.Lock()
-        self.scheduler = BatchScheduler(self.registry.activate, self.lock, max_batch)
+        self.scheduler = BatchScheduler(self.registry, self.lock, max_batch)
         self.context_length, self.eos_ids = _context_length(model), _eos_ids(model, tokenizer)
 
     @property
