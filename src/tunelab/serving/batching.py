@@ -41,7 +41,7 @@ class Slot:
 
 @dataclass(eq=False)
 class Step:
-    seq: Slot
+    slot: Slot
     tokens: list[int]
     done: threading.Event = field(default_factory=threading.Event)
     logits: torch.Tensor | None = None
@@ -49,7 +49,7 @@ class Step:
 
     @property
     def batchable(self) -> bool:
-        return len(self.tokens) == 1 and self.seq.cache is not None and _plain(self.seq.cache)
+        return len(self.tokens) == 1 and self.slot.cache is not None and _plain(self.slot.cache)
 
 
 class BatchScheduler:
@@ -72,11 +72,11 @@ class BatchScheduler:
         self.batches = 0  # forward passes of more than one request (tests check batching happened)
         self.mixed_batches = 0  # of which over rows of different adapters
 
-    def feed(self, seq: Slot, tokens: Sequence[int]) -> torch.Tensor:
-        """Blocks until `tokens` went through the model after `seq`'s cache; the next-token logits (1-D)."""
-        step = Step(seq, list(tokens))
+    def feed(self, slot: Slot, tokens: Sequence[int]) -> torch.Tensor:
+        """Blocks until `tokens` went through the model after `slot`'s cache; the next-token logits (1-D)."""
+        step = Step(slot, list(tokens))
         with self.cond:
-            self.running.add(seq)
+            self.running.add(slot)
             self.pending.append(step)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="tunelab-batch", daemon=True)
@@ -88,10 +88,10 @@ class BatchScheduler:
         assert step.logits is not None
         return step.logits
 
-    def leave(self, seq: Slot) -> None:
-        """`seq` is finished (or its client left): steps no longer wait for it."""
+    def leave(self, slot: Slot) -> None:
+        """`slot`'s request is finished (or its client left): steps no longer wait for it."""
         with self.cond:
-            self.running.discard(seq)
+            self.running.discard(slot)
             self.cond.notify_all()
 
     def _loop(self) -> None:
@@ -118,7 +118,7 @@ class BatchScheduler:
 
     def _run(self, steps: list[Step]) -> None:
         try:
-            adapters = [step.seq.adapter for step in steps]
+            adapters = [step.slot.adapter for step in steps]
             with self.lock, torch.inference_mode():
                 if len(set(adapters)) > 1:  # LoRA adapters mixed in one batch, each row its own
                     names = [name or "__base__" for name in adapters]
@@ -145,7 +145,7 @@ def _groups(steps: list[Step], max_batch: int, mixable: bool) -> list[list[Step]
     by_adapter: dict[str | None, list[Step]] = defaultdict(list)
     for step in steps:
         if step.batchable:
-            by_adapter[None if mixable else step.seq.adapter].append(step)
+            by_adapter[None if mixable else step.slot.adapter].append(step)
     batches = [group[i : i + max_batch] for group in by_adapter.values() for i in range(0, len(group), max_batch)]
     return alone + batches
 
@@ -153,8 +153,8 @@ def _groups(steps: list[Step], max_batch: int, mixable: bool) -> list[list[Step]
 def _forward_one(model: torch.nn.Module, step: Step) -> list[torch.Tensor]:
     # logits_to_keep=1: only the next token's logits; the whole prompt's would cost a vocab-sized matmul each.
     ids = torch.tensor([step.tokens])
-    out = model(input_ids=ids, past_key_values=step.seq.cache, use_cache=True, logits_to_keep=1)
-    step.seq.cache = out.past_key_values
+    out = model(input_ids=ids, past_key_values=step.slot.cache, use_cache=True, logits_to_keep=1)
+    step.slot.cache = out.past_key_values
     return [out.logits[0, -1].float()]
 
 
@@ -163,7 +163,7 @@ def _forward_batch(
 ) -> list[torch.Tensor]:
     """One decode step for several requests: their caches left-padded to the longest, the padding masked.
     `adapter_names`: each row's adapter, for a PEFT model serving several in one batch."""
-    caches = [_kv(step.seq.cache) for step in steps]  # per request, per layer: (keys, values), [1, heads, len, dim]
+    caches = [_kv(step.slot.cache) for step in steps]  # per request, per layer: (keys, values), [1, heads, len, dim]
     lengths = [layers[0][0].shape[2] for layers in caches]
     longest = max(lengths)
     padded = [_pad([layers[i] for layers in caches], lengths, longest) for i in range(len(caches[0]))]
@@ -182,7 +182,7 @@ def _forward_batch(
     merged = _kv(out.past_key_values)
     for row, (step, length) in enumerate(zip(steps, lengths, strict=True)):
         start = longest - length  # this request's own columns: the padding stays behind
-        step.seq.cache = _cache_of([(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in merged])
+        step.slot.cache = _cache_of([(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in merged])
     return list(out.logits[:, -1].float())
 
 
