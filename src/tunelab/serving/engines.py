@@ -158,8 +158,8 @@ def build_engine(
             raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
         return OnnxEngine(name or str(onnx), OnnxModel(onnx, threads))
     source = resolve(model)
-    model_, tokenizer = load_model(source), load_tokenizer(source)
-    return TorchEngine(name or model, model_, tokenizer, adapters or {}, max_adapters, max_batch)
+    loaded, tokenizer = load_model(source), load_tokenizer(source)
+    return TorchEngine(name or model, loaded, tokenizer, adapters or {}, max_adapters, max_batch)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
