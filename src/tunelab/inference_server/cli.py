@@ -42,6 +42,9 @@ def serve_cmd(
     onnx: Annotated[Path | None, typer.Option(help="Serve an ONNX export (tunelab export onnx) instead.")] = None,
     name: Annotated[str | None, typer.Option(help="The model id of the base (default: --model or --onnx).")] = None,
     max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept loaded at once (LRU).")] = 4,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Requests decoded in one forward pass (PyTorch; 1: no batching).")
+    ] = 16,
     threads: Annotated[
         int | None, typer.Option(min=1, help="ONNX Runtime threads (default: the machine's physical cores).")
     ] = None,
@@ -66,7 +69,7 @@ def serve_cmd(
     from tunelab.serving.engines import build_engine
 
     keys = read_keys(api_key or [], api_keys_file)
-    engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name, threads)
+    engine = build_engine(model, parse_adapters(adapter or []), onnx, max_adapters, name, threads, max_batch)
     console.print(f"models: {', '.join(engine.model_ids)}")
     console.print(f"OpenAI base URL: http://{host}:{port}/v1 ({'API key required' if keys else 'no API key: open'})")
     uvicorn.run(create_app(engine, keys), host=host, port=port, log_level="info")

@@ -81,6 +81,19 @@ class AdapterRegistry:
             self._active = name
         return self.peft
 
+    def mixable(self) -> bool:
+        """Whether one forward can serve rows of different adapters (PEFT's `adapter_names=`): plain LoRA can, DoRA
+        and the other kinds cannot."""
+        return self.peft is not None and all(_mixable(config) for config in self.peft.peft_config.values())
+
+    def mixed(self) -> torch.nn.Module:
+        """The module for a forward with `adapter_names=` (one name a row, "__base__" for the bare base)."""
+        assert self.peft is not None
+        tuner: Any = self.peft.base_model
+        tuner.enable_adapter_layers()  # disabled layers would ignore adapter_names and answer as the base
+        self._active = _UNKNOWN  # activate() sets the adapter again for its next plain forward
+        return self.peft
+
     def _load(self, name: str) -> None:
         path = str(self.paths[name])
         if self.peft is None:
@@ -101,3 +114,7 @@ class AdapterRegistry:
                 self.peft.delete_adapter(victim)
             del self.loaded[victim]
             self._active = _UNKNOWN
+
+
+def _mixable(config: Any) -> bool:
+    return getattr(config, "peft_type", None) == "LORA" and not getattr(config, "use_dora", False)

@@ -1,9 +1,11 @@
 """What the servers generate with: a PyTorch base model with many adapters (or none: one loaded model, as the job
 service keeps each fine-tuned model), or one ONNX export. A request's model comes out as a `ServedModel`.
 
-Requests run concurrently, but each forward pass holds the engine's lock: PEFT's adapter switch and the model
-are shared state. Locking per step (not per request) interleaves requests token by token, so a long answer
-does not make a short one wait for all of it, and a client that disconnects cannot leave the lock held.
+PyTorch requests run concurrently and share forward passes: the engine's `BatchScheduler` (serving/batching.py)
+runs the decode steps of all running requests as one batch (one per adapter, unless PEFT can mix them: LoRA), and
+lets requests join and leave between steps. Each forward pass holds the engine's lock: PEFT's adapter switch and
+the model are shared state. ONNX requests are not batched: they take turns one token at a time, each step holding
+the engine's lock.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
-from transformers.cache_utils import Cache
 
 from tunelab.errors import TunelabError
 from tunelab.export.onnx import OnnxDecoder, OnnxModel
 from tunelab.models import load_model, load_tokenizer, resolve
 from tunelab.serving.adapters import AdapterRegistry, check_adapters
+from tunelab.serving.batching import BatchScheduler, Slot
 from tunelab.serving.generation import Decoder
 
 
@@ -59,6 +61,7 @@ class TorchEngine:
         tokenizer: PreTrainedTokenizerBase,
         adapters: Mapping[str, Path] | None = None,
         max_adapters: int = 4,
+        max_batch: int = 16,
     ) -> None:
         adapters = adapters or {}
         if base_id in adapters:
@@ -67,6 +70,7 @@ class TorchEngine:
         self.base_id, self.tokenizer = base_id, tokenizer
         self.registry = AdapterRegistry(model.eval(), adapters, max_adapters)
         self.lock = threading.Lock()
+        self.scheduler = BatchScheduler(self.registry, self.lock, max_batch)
         self.context_length, self.eos_ids = _context_length(model), _eos_ids(model, tokenizer)
 
     @property
@@ -85,27 +89,23 @@ class TorchDecoder:
     a stream that a client drops before it starts then never holds an adapter in memory."""
 
     def __init__(self, engine: TorchEngine, adapter: str | None) -> None:
-        self.engine, self.adapter = engine, adapter
-        self.cache: Cache | None = None  # this request's own KV cache, computed with its own adapter
+        self.engine, self.slot = engine, Slot(adapter)  # the slot holds this request's own KV cache
         self.holds_adapter = False
 
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
-        with self.engine.lock, torch.inference_mode():
-            if self.adapter is not None and not self.holds_adapter:
-                self.engine.registry.acquire(self.adapter)
-                self.holds_adapter = True
-            model = self.engine.registry.activate(self.adapter)
-            # logits_to_keep=1: only the next token's logits; the whole prompt's would cost a vocab-sized matmul each.
-            ids = torch.tensor([list(tokens)])
-            out = model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
-        return out.logits[0, -1].float()
+        adapter = self.slot.adapter
+        if adapter is not None and not self.holds_adapter:
+            with self.engine.lock:
+                self.engine.registry.acquire(adapter)
+            self.holds_adapter = True
+        return self.engine.scheduler.feed(self.slot, tokens)
 
     def close(self) -> None:
-        self.cache = None
+        self.slot.cache = None
+        self.engine.scheduler.leave(self.slot)
         if self.holds_adapter:
             with self.engine.lock:
-                self.engine.registry.release(str(self.adapter))
+                self.engine.registry.release(str(self.slot.adapter))
             self.holds_adapter = False
 
 
@@ -150,6 +150,7 @@ def build_engine(
     max_adapters: int = 4,
     name: str | None = None,
     threads: int | None = None,
+    max_batch: int = 16,
 ) -> Engine:
     """The engine `tunelab serve` runs: `name` is the model id the base answers to (default: as given)."""
     if onnx is not None:
@@ -157,7 +158,8 @@ def build_engine(
             raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
         return OnnxEngine(name or str(onnx), OnnxModel(onnx, threads))
     source = resolve(model)
-    return TorchEngine(name or model, load_model(source), load_tokenizer(source), adapters or {}, max_adapters)
+    loaded, tokenizer = load_model(source), load_tokenizer(source)
+    return TorchEngine(name or model, loaded, tokenizer, adapters or {}, max_adapters, max_batch)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
