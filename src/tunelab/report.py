@@ -152,7 +152,7 @@ def benchmark_png(
     before: dict[str, float], after: dict[str, float], names: Sequence[str], title: str = "benchmarks"
 ) -> bytes:
     """The benchmark chart alone (one before/after bar pair per metric), e.g. for a README or a model card."""
-    fig = Figure(figsize=(PANEL_WIDTH_IN * max(1.0, len(names) / 2), PANEL_HEIGHT_IN), dpi=DPI)
+    fig = Figure(figsize=(PANEL_WIDTH_IN * max(1.5, len(names) / 2), PANEL_HEIGHT_IN), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     _grouped_panel(ax, list(names), before, after)

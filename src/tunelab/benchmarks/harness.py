@@ -23,7 +23,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.benchmarks import TASKS_DIR, BenchmarkScores, truthfulqa_file
+from tunelab.benchmarks import BUNDLED_TASKS, TASKS_DIR, BenchmarkScores, truthfulqa_file
 from tunelab.benchmarks.lm import LoadedModelLM, ProgressFn
 from tunelab.errors import TunelabError
 
@@ -76,7 +76,7 @@ def _unknown_message(unknown: list[str], known: list[str]) -> str:
         close = difflib.get_close_matches(name, known, n=3)
         parts.append(f"{name!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
     return (
-        f"unknown benchmark {', '.join(parts)}: give lm-eval task names (bundled: truthfulqa_mc1, truthfulqa_mc2), "
+        f"unknown benchmark {', '.join(parts)}: give lm-eval task names (bundled: {', '.join(BUNDLED_TASKS)}), "
         "or add a folder of task YAMLs with --include-path"
     )
 
