@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from tunelab.benchmarks import TASKS_DIR, BenchmarkScores
 from tunelab.benchmarks.harness import score_benchmarks
 from tunelab.cli import app
+from tunelab.metrics import is_timing
 from tunelab.report import DPI, PANEL_WIDTH_IN
 
 ROOT = Path(__file__).parents[1]
@@ -263,8 +264,9 @@ def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama
     html = (run / "report.html").read_text()
     assert 'data-metric="truthfulqa_mc2/acc"' in html
     assert "benchmarks before and after: truthfulqa_mc1/acc, truthfulqa_mc2/acc" in html
-    # One panel per scenario metric, ONE grouped panel for both benchmark metrics, the loss panel.
-    scenario = [name for name in summary["before"] if "/" not in name]
+    # One panel per scenario metric (times are not drawn), ONE grouped panel for both benchmark metrics, the loss
+    # panel.
+    scenario = [name for name in summary["before"] if "/" not in name and not is_timing(name)]
     with Image.open(run / "report.png") as png:
         assert png.size[0] == round(DPI * PANEL_WIDTH_IN * (len(scenario) + 2))
 
