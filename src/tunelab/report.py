@@ -142,10 +142,7 @@ def render_png(
     if grouped:
         _grouped_panel(axes[len(names)], grouped, before, after)
     _loss_panel(axes[-1], history)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def benchmark_png(
@@ -157,6 +154,10 @@ def benchmark_png(
     ax = fig.subplots()
     _grouped_panel(ax, list(names), before, after)
     ax.set_title(title)
+    return _png(fig)
+
+
+def _png(fig: Figure) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
@@ -289,7 +290,4 @@ def confusion_png(labels: list[str], matrices: dict[str, list[list[int]]]) -> by
         for row, values in enumerate(matrix):
             for col, value in enumerate(values):
                 ax.text(col, row, str(value), ha="center", va="center", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return _png(fig)
