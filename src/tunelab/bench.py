@@ -119,7 +119,18 @@ def bench_rows(methods: str | None, nproc: int) -> tuple[str, ...]:
         raise TunelabError("--methods: zero1/zero2/zero3 rows need --nproc 2 or more (they launch that many processes)")
     if nproc > 1 and not any(n in ZERO_ROWS for n in names):
         names += ZERO_ROWS
+    _require_extras(names)
     return tuple(dict.fromkeys(names))  # a name given twice is measured once
+
+
+def _require_extras(rows: list[str]) -> None:
+    """A row whose optional packages are missing fails now, not after the rows before it have run."""
+    from tunelab.extras import require
+
+    for row in rows:
+        extra = "deepspeed" if row in ZERO_ROWS else "qlora" if row == "qlora" else None
+        if extra is not None:
+            require(extra, f"the bench's {row} row (--methods without it leaves it out)")
 
 
 def _unknown_message(unknown: list[str], valid: list[str]) -> str:

@@ -224,7 +224,10 @@ def _with_benchmark_options(
 
 def _eval_benchmarks(benchmark: str, model: str, adapter: Path | None, limit: int | None, path: Path | None) -> None:
     """Benchmarks alone: no spec, no scenario; one model (base, base + adapter, or a model folder) scored."""
-    from tunelab.benchmarks import parse_benchmarks
+    from tunelab.benchmarks import FEATURE, parse_benchmarks
+    from tunelab.extras import require
+
+    require("benchmarks", FEATURE)
     from tunelab.benchmarks.harness import resolve_tasks, score_benchmarks
     from tunelab.inference import load_for_inference
 

@@ -454,7 +454,23 @@ def _cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "use strategy: ddp, or method lora with a ZeRO strategy",
             )
         ]
-    return []
+    return _missing_extras(spec)
+
+
+def _missing_extras(spec: JobSpec) -> list[Problem]:
+    """The fields asking for a feature whose optional packages are not installed: found here, before any model
+    loads, with the pip extra that installs them."""
+    from tunelab.extras import missing_problem
+    from tunelab.methods import get_method
+
+    needs = []
+    if get_method(spec.method.name).quantized:
+        needs.append(("method.name", "qlora", f"method {spec.method.name}"))
+    if spec.distributed.strategy.startswith("zero"):
+        needs.append(("distributed.strategy", "deepspeed", f"strategy {spec.distributed.strategy} (DeepSpeed ZeRO)"))
+    if spec.eval.benchmarks:
+        needs.append(("eval.benchmarks", "benchmarks", "benchmarks (lm-eval tasks)"))
+    return [problem for where, extra, feature in needs if (problem := missing_problem(where, extra, feature))]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

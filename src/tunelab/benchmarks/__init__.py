@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError, Problem, TunelabError
+from tunelab.extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,7 @@ TASKS_DIR = Path(__file__).resolve().parent
 BUNDLED_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2", "truthfulqa_mc1_validation", "truthfulqa_mc2_validation")
 DATA_DIR_ENV = "TUNELAB_DATA_DIR"
 BENCHMARKS_KEY = "benchmarks"  # in Evaluation.details
+FEATURE = "benchmarks (eval.benchmarks, tunelab eval -b)"
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def truthfulqa_file(split: str = "test") -> Path:
 
 def check_benchmarks(job: JobSpec) -> None:
     """Fail before any model loads or trains when eval.benchmarks cannot run: a wrong name or include path, or a
-    classification head (lm-eval is imported here, and only when there are benchmarks)."""
+    classification head, or lm-eval not installed (it is imported here, and only when there are benchmarks)."""
     if not job.eval.benchmarks:
         return
     if job.task.approach == "head":
@@ -73,6 +75,7 @@ def check_benchmarks(job: JobSpec) -> None:
         raise ConfigError(
             [Problem("eval.benchmarks", problem, "remove eval.benchmarks or use task.approach: generative")]
         )
+    require("benchmarks", FEATURE)
     from tunelab.benchmarks.harness import resolve_tasks
 
     resolve_tasks(job.eval.benchmarks, _include_paths(job.eval))
@@ -83,6 +86,7 @@ def run_benchmarks(
 ) -> BenchmarkScores:
     """The job spec's benchmarks (eval.benchmarks, benchmark_limit, benchmark_include_path) on `model` as it is:
     the API a training recipe (SFT, DPO, ...) calls before and after training."""
+    require("benchmarks", FEATURE)
     from tunelab.benchmarks.harness import score_benchmarks
 
     return score_benchmarks(

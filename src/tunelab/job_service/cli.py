@@ -77,6 +77,7 @@ def service(
     """Start the API and N workers (Ctrl-C stops them; running jobs are checkpointed and resume on restart)."""
     if ctx.invoked_subcommand is not None:
         return
+    _require_extras(database)
     from tunelab.job_service.supervisor import serve
 
     settings = _settings(
@@ -100,7 +101,21 @@ def service(
         _fail(exc)
 
 
+def _require_extras(database: str | None) -> None:
+    """The service's packages (an extra: the base install trains and serves without them) before anything imports
+    them, and psycopg for a PostgreSQL database."""
+    from tunelab.extras import require
+
+    try:
+        require("service", "tunelab service")
+        if database is not None and database.lower().startswith("postgres"):
+            require("postgres", "a PostgreSQL database (--database postgresql://...)")
+    except TunelabError as exc:
+        _fail(exc)
+
+
 def _store(data_dir: Path, database: str | None) -> Store:
+    _require_extras(database)
     from tunelab.job_service.store import Store
 
     settings = _settings(data_dir, database)
@@ -114,7 +129,7 @@ def _store(data_dir: Path, database: str | None) -> Store:
 
 
 def _fail(error: TunelabError) -> NoReturn:
-    """A database this release cannot upgrade, for one: one clear message rather than a traceback."""
+    """A database this release cannot upgrade, or a missing extra: one clear message rather than a traceback."""
     console.print(f"[bold red]error:[/] {error}")
     raise typer.Exit(2)
 

@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tunelab.extras import require
+
 WRITE_OPTION = "tunelab_write"
 
 
@@ -164,6 +166,8 @@ def connect_database(url: str, pool_size: int = 10) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url, pool_size)
+    if url.startswith("postgresql+psycopg://"):
+        require("postgres", "a PostgreSQL database")  # SQLAlchemy would raise a bare ModuleNotFoundError
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 

@@ -15,12 +15,14 @@ from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_tr
 from transformers import BitsAndBytesConfig
 
 from tunelab.errors import TunelabError
+from tunelab.extras import optional_import
 from tunelab.methods.peft_methods import default_target_modules
 from tunelab.methods.registry import LORA_SETTINGS, MethodInfo, register_method
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSpec
 
+FEATURE = "method qlora (a 4-bit or 8-bit base)"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,12 +39,7 @@ def quantization_config(spec: MethodSpec) -> BitsAndBytesConfig:
 
 
 def _check_backend() -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise TunelabError(
-            "method qlora needs bitsandbytes: pip install 'bitsandbytes>=0.50' (it runs on CPU and CUDA)"
-        ) from exc
+    optional_import("bitsandbytes", "qlora", FEATURE)
 
 
 def _build(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
@@ -63,7 +60,7 @@ def _build(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
 def dequantized_base(quantized: torch.nn.Module, fp32_base: torch.nn.Module) -> torch.nn.Module:
     """`fp32_base` with every quantised linear weight of `quantized` (a PEFT model or a bare model) replaced by its
     dequantised value, so that merging an adapter into it reproduces what the adapter computed in training."""
-    import bitsandbytes as bnb
+    bnb = optional_import("bitsandbytes", "qlora", FEATURE)
     from peft.utils.integrations import dequantize_module_weight
 
     targets = dict(fp32_base.named_modules())

@@ -17,8 +17,9 @@ import torch
 from accelerate import Accelerator
 
 from tunelab.config import DistributedSpec, TrainSpec
+from tunelab.extras import optional_import
 from tunelab.train.checkpoint import load_trainable_and_optimizer, save_trainable_and_optimizer
-from tunelab.train.distributed import World, deepspeed_config
+from tunelab.train.distributed import ZERO_FEATURE, World, deepspeed_config
 
 
 class Backend(Protocol):
@@ -84,7 +85,7 @@ class DeepSpeedBackend:
     TAG = "zero"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], world: World):
-        import deepspeed
+        deepspeed = optional_import("deepspeed", "deepspeed", ZERO_FEATURE)
 
         self.world = world
         self.stage = config["zero_optimization"]["stage"]
@@ -124,7 +125,7 @@ class DeepSpeedBackend:
         if self.stage != 3:
             yield
             return
-        import deepspeed
+        deepspeed = optional_import("deepspeed", "deepspeed", ZERO_FEATURE)
 
         trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):

@@ -19,6 +19,9 @@ import torch
 
 from tunelab.config import DistributedSpec, TrainSpec
 from tunelab.errors import ConfigError, Problem
+from tunelab.extras import optional_import
+
+ZERO_FEATURE = "distributed.strategy zero1/zero2/zero3 (DeepSpeed ZeRO)"
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,9 @@ def prebuild_deepspeed_ops() -> None:
     the processes start; it is cached (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
+    accelerator = optional_import("deepspeed.accelerator", "deepspeed", ZERO_FEATURE)
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    builder = accelerator.get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible(verbose=False):
         builder.load(verbose=False)
 
