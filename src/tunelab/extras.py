@@ -43,12 +43,12 @@ class MissingExtraError(TunelabError):
         self.extra = extra
         self.packages = packages
         why = f" ({detail})" if detail else ""
-        super().__init__(f"{_needs(feature, packages)}{why}: {install_hint(extra)}")
+        super().__init__(f"{_needs(feature, packages)}{why}; install the {extra} extra: {install_hint(extra)}")
 
 
 def install_hint(extra: str) -> str:
     """The command that installs `extra`; a source checkout (an editable install) names the folder instead."""
-    return f"pip install 'tunelab[{extra}]' (in a source checkout: pip install -e '.[{extra}]')"
+    return f"pip install 'tunelab[{extra}]', or pip install -e '.[{extra}]' in a source checkout"
 
 
 def missing(extra: str) -> list[str]:
@@ -82,7 +82,7 @@ def missing_problem(where: str, extra: str, feature: str) -> Problem | None:
 
 
 def _needs(feature: str, packages: list[str]) -> str:
-    names = ", ".join(packages)
+    names = " and ".join(", ".join(packages).rsplit(", ", 1))
     return f"{feature} needs {names}, which {'is' if len(packages) == 1 else 'are'} not installed"
 
 

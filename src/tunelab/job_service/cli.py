@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tunelab.errors import TunelabError
@@ -130,7 +131,7 @@ def _store(data_dir: Path, database: str | None) -> Store:
 
 def _fail(error: TunelabError) -> NoReturn:
     """A database this release cannot upgrade, or a missing extra: one clear message rather than a traceback."""
-    console.print(f"[bold red]error:[/] {error}")
+    console.print(f"[bold red]error:[/] {escape(str(error))}")  # escaped: "tunelab[service]" is not markup
     raise typer.Exit(2)
 
 
