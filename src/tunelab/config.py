@@ -446,15 +446,17 @@ def _cross_field_problems(spec: JobSpec) -> list[Problem]:
 
     if spec.method.name not in method_names():
         return []  # reported by _field_problems, with the closest name
+    problems = _missing_extras(spec)
     if get_method(spec.method.name).quantized and spec.distributed.strategy.startswith("zero"):
-        return [
+        problems.insert(
+            0,
             Problem(
                 "distributed.strategy",
                 f"{spec.method.name} (a 4-bit base) cannot be sharded by DeepSpeed ZeRO",
                 "use strategy: ddp, or method lora with a ZeRO strategy",
-            )
-        ]
-    return _missing_extras(spec)
+            ),
+        )
+    return problems
 
 
 def _missing_extras(spec: JobSpec) -> list[Problem]:
