@@ -100,6 +100,18 @@ def test_a_repeated_column_error_is_reported_once_with_the_columns_and_the_mappi
     assert train[0].example.messages[1].content.startswith("message")
 
 
+def test_a_scenario_file_checked_as_chat_says_so_once_and_names_its_scenario(tmp_path: Path) -> None:
+    path = _slice("classification", tmp_path / "sentiment.jsonl", n=30, split="train")
+    result = runner.invoke(app, ["data", "validate", str(path)])  # no --scenario: read as chat
+    assert result.exit_code == 1
+    flat = [" ".join(line.split()) for line in result.output.split("error")[1:]]
+    missing = [line for line in flat if "[missing_messages]" in line]
+    assert len(missing) == 1, result.output  # not 30 identical lines
+    assert "on 30 rows (lines 1, 2, 3, ...)" in missing[0]
+    assert "the file has columns ['label', 'text'], as classification rows have" in missing[0]
+    assert "--scenario classification" in missing[0]
+
+
 def test_a_cut_off_json_line_names_the_cause(tmp_path: Path) -> None:
     path = tmp_path / "cut.jsonl"
     path.write_text('{"text": "fine", "label": "ok"}\n{"text": "the line was cut in the mid\n', encoding="utf-8")
