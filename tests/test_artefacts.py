@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,8 @@ def test_gguf_reads_back_with_transformers(hub_run: tuple[Path, Path, str], tmp_
     target = tmp_path / "out" / f"tiny-{quant}.gguf"
     result = runner.invoke(app, ["export", "gguf", "--run", str(run), "--quant", quant, "--out", str(target)])
     assert result.exit_code == 0, result.output
+    # Progress of the long part (quantising) in a log too: CliRunner's output is not a terminal.
+    assert re.search(rf"^gguf {quant} tensors: (\d+)/\1 tensors, .* ETA", result.output, re.M), result.output
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     loaded = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name).eval()
     ids = _ids(run / "merged")

@@ -27,10 +27,12 @@ def export_gguf_cmd(
 ) -> None:
     """Write a GGUF file for llama.cpp and Ollama (Llama architecture), and an Ollama Modelfile beside it."""
     from tunelab.export.gguf import export_gguf
+    from tunelab.train.progress import reporting
 
     folder, target, system = _source(run, model, quant, out_file)
     name = (run.resolve() if run else folder.resolve()).name
-    result = export_gguf(folder, target, quant, system=system, name=name)
+    with reporting(Console(stderr=True, soft_wrap=True), f"gguf {quant}"):  # progress on stderr, results on stdout
+        result = export_gguf(folder, target, quant, system=system, name=name)
     size = result.path.stat().st_size / 2**20
     out.print(f"GGUF ({quant}): {result.path}  ({size:.1f} MiB, {result.tensors} tensors)")
     out.print(f"Modelfile: {result.modelfile}")
