@@ -248,3 +248,15 @@ def test_a_new_head_is_one_tunelab_line_not_a_missing_weights_table(
     logged = [r.getMessage() for r in caplog.records if r.name.startswith(("transformers", "tunelab"))]
     assert any("a new sequence classification head with 2 labels was initialised" in m for m in logged), logged
     assert not any("MISSING" in m or "LOAD REPORT" in m for m in logged), logged
+
+
+def test_every_task_judges_each_metric_in_its_declared_direction() -> None:
+    """The report takes a task's lower_is_better, the terminal table and the service's events tunelab.metrics':
+    they must agree, or the same faster evaluation is "better" in the terminal and "worse" in the report."""
+    from tunelab.metrics import DIRECTION
+    from tunelab.tasks import head_scenarios, scenario_names
+
+    for name, approach in [(n, "generative") for n in scenario_names()] + [(n, "head") for n in head_scenarios()]:
+        task = get_task(name, approach)
+        wrong = [m for m, way in DIRECTION.items() if (m in task.lower_is_better) != (way == "lower")]
+        assert not wrong, f"{name}/{approach}: {wrong}"
