@@ -111,6 +111,18 @@ def test_a_scenario_file_checked_as_chat_says_so_once_and_names_its_scenario(tmp
     assert "the file has columns ['label', 'text'], as classification rows have" in missing[0]
     assert "--scenario classification" in missing[0]
 
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4)
+    result = runner.invoke(app, ["data", "validate", str(pairs)])
+    assert "as preference rows have: check it with --scenario preference" in " ".join(result.output.split())
+
+
+def test_a_mapping_is_suggested_only_when_it_is_unambiguous(tmp_path: Path) -> None:
+    path = _slice("ner", tmp_path / "ner.jsonl", n=5)
+    result = runner.invoke(app, ["data", "validate", str(path), "--scenario", "classification"])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the file has columns ['tags', 'tokens']" in flat
+    assert "data.columns: {text: <column>, label: <column>}" in flat, flat  # not a guess that pairs them wrongly
+
 
 def test_a_cut_off_json_line_names_the_cause(tmp_path: Path) -> None:
     path = tmp_path / "cut.jsonl"

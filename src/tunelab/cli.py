@@ -585,6 +585,7 @@ def _validate_chat(file: Path, model: str | None, max_seq_len: int, min_examples
 def _not_chat_hints(columns: set[str]) -> dict[str, str]:
     """Rows in no chat format: name the columns they have and, when they fit a scenario's fields, that scenario,
     so a classification file checked without --scenario says so once instead of failing on every row."""
+    from tunelab.data.preference import looks_like_pairs
     from tunelab.data.validate import FORMAT_HINT
     from tunelab.tasks import get_task, scenario_names
 
@@ -595,6 +596,7 @@ def _not_chat_hints(columns: set[str]) -> dict[str, str]:
     fits = sorted(
         (name for name, need in required.items() if need and need <= columns), key=lambda n: -len(required[n])
     )
+    fits = ["preference"] if looks_like_pairs(dict.fromkeys(columns)) else fits  # pairs have two shapes of keys
     found = f"the file has columns {sorted(columns)}"
     hint = (
         f"{found}, as {fits[0]} rows have: check it with --scenario {fits[0]}"
