@@ -272,3 +272,18 @@ def test_every_task_judges_each_metric_in_its_declared_direction() -> None:
         task = get_task(name, approach)
         wrong = [m for m, way in DIRECTION.items() if (m in task.lower_is_better) != (way == "lower")]
         assert not wrong, f"{name}/{approach}: {wrong}"
+
+
+@pytest.mark.parametrize(("every_s", "shown"), [(0.0, [1, 2, 3, 4, 5]), (1e9, [5])])
+def test_training_steps_show_in_a_log_at_least_every_few_seconds(
+    every_s: float, shown: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow steps (5 steps of a minute each on a busy CPU) gave one line at the end of a log: time decides too."""
+    from io import StringIO
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", every_s)
+    log = StringIO()
+    with progress.ProgressReporter(5, 0, tmp_path / "metrics.jsonl", Console(file=log, width=200)) as reporter:
+        for step in range(1, 6):
+            reporter.update({"step": step, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0}, eta_s=5.0 - step)
+    assert [int(line.split()[1].split("/")[0]) for line in log.getvalue().splitlines()] == shown
