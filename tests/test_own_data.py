@@ -287,3 +287,17 @@ def test_training_steps_show_in_a_log_at_least_every_few_seconds(
         for step in range(1, 6):
             reporter.update({"step": step, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0}, eta_s=5.0 - step)
     assert [int(line.split()[1].split("/")[0]) for line in log.getvalue().splitlines()] == shown
+
+
+def test_benchmark_scoring_shows_progress_in_a_log() -> None:
+    from io import StringIO
+
+    from tunelab.benchmarks.harness import _progress
+
+    log = StringIO()
+    with _progress(Console(file=log, width=200)) as on_progress:
+        for done in range(0, 101, 5):
+            on_progress(done, 100)
+    lines = log.getvalue().splitlines()
+    # A line per tenth of the questions (not per chunk scored), the last one at the end.
+    assert len(lines) == 10 and lines[-1].startswith("benchmarks: 100/100 questions scored"), lines
