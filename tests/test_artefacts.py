@@ -153,6 +153,8 @@ def test_model_cards_name_the_base_and_the_results(hub_run: tuple[Path, Path, st
         assert results["loss"] == pytest.approx(summary["after"]["loss"], abs=1e-5)
         assert f"| loss | {summary['before']['loss']:.4f} | {summary['after']['loss']:.4f} |" in card.text
         assert "max_steps: 3" in card.text  # the spec is in the body
+        assert "eval_seconds" in summary["after"]  # this machine's evaluation time: not a result of the model
+        assert not [name for name in results if name.endswith("_seconds")] and "_seconds" not in card.text
 
 
 def test_export_writes_a_card_naming_the_base(hub_run: tuple[Path, Path, str], tmp_path: Path) -> None:
