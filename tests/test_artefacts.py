@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def _spec(tmp: Path, steps: int, eval_enabled: bool = True) -> Path:
 
 def _train(tmp: Path, cache: Path, *args: str, steps: int = 3, eval_enabled: bool = True) -> str:
     command = [sys.executable, "-m", "tunelab.cli", *args, "train", str(_spec(tmp, steps, eval_enabled))]
-    done = subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
 
@@ -121,7 +122,7 @@ def test_adapter_loads_with_peft_alone_by_its_recorded_base(hub_run: tuple[Path,
     ids = _ids(run / "adapter")
     torch.save(ids, colleague / "ids.pt")
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=colleague, env=_env(cache), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=colleague, env=_env(cache), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
 
@@ -152,6 +153,8 @@ def test_model_cards_name_the_base_and_the_results(hub_run: tuple[Path, Path, st
         assert results["loss"] == pytest.approx(summary["after"]["loss"], abs=1e-5)
         assert f"| loss | {summary['before']['loss']:.4f} | {summary['after']['loss']:.4f} |" in card.text
         assert "max_steps: 3" in card.text  # the spec is in the body
+        assert "eval_seconds" in summary["after"]  # this machine's evaluation time: not a result of the model
+        assert not [name for name in results if name.endswith("_seconds")] and "_seconds" not in card.text
 
 
 def test_export_writes_a_card_naming_the_base(hub_run: tuple[Path, Path, str], tmp_path: Path) -> None:
@@ -161,7 +164,7 @@ def test_export_writes_a_card_naming_the_base(hub_run: tuple[Path, Path, str], t
         env=_env(cache),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert _front_matter(tmp_path / "m" / "README.md")["base_model"] == REPO_ID
@@ -173,6 +176,8 @@ def test_gguf_reads_back_with_transformers(hub_run: tuple[Path, Path, str], tmp_
     target = tmp_path / "out" / f"tiny-{quant}.gguf"
     result = runner.invoke(app, ["export", "gguf", "--run", str(run), "--quant", quant, "--out", str(target)])
     assert result.exit_code == 0, result.output
+    # Progress of the long part (quantising) in a log too: CliRunner's output is not a terminal.
+    assert re.search(rf"^gguf {quant} tensors: (\d+)/\1 tensors, .* ETA", result.output, re.M), result.output
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     loaded = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name).eval()
     ids = _ids(run / "merged")
@@ -190,7 +195,8 @@ def test_gguf_reads_back_with_transformers(hub_run: tuple[Path, Path, str], tmp_
     modelfile = (target.parent / "Modelfile").read_text()
     assert f"FROM ./{target.name}" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
-    assert "SYSTEM" not in modelfile  # the tiny template has no default system message
+    # Every conversation of the bundled chat data has this system message: Ollama sends it as training saw it.
+    assert 'SYSTEM """You are a friendly, concise chat assistant."""' in modelfile
 
 
 def test_modelfile_keeps_the_templates_default_system_message() -> None:
@@ -218,3 +224,27 @@ def test_the_embedded_models_hub_id_resolves_to_the_embedded_copy(
     assert resolve(EMBEDDED_HUB_ID).path == str(tmp_path) == resolve("embedded").path
     assert base_reference("embedded") == BaseReference(EMBEDDED_HUB_ID)
     assert base_reference("./models/mine") == BaseReference("./models/mine")  # a path stays as the user gave it
+
+
+def test_modelfile_system_is_the_one_the_run_trained_with(tmp_path: Path) -> None:
+    """A classification run trains with its scenario's instruction (naming the labels) although the spec sets
+    none: Ollama must send that one, not the chat template's default."""
+    from tunelab.export.gguf_cli import trained_system
+
+    rows = "".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(6))
+    (tmp_path / "train.jsonl").write_text(rows, encoding="utf-8")
+    spec: dict[str, object] = {
+        "task": {"scenario": "classification"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "train.jsonl")},
+    }
+    assert trained_system(spec) == "Classify the text. Answer with one word: a, b."
+    spec["task"] = {"scenario": "classification", "instruction": "Sentiment?"}
+    assert trained_system(spec) == "Sentiment?"
+    spec["data"] = {"train": str(tmp_path / "moved.jsonl")}
+    assert trained_system(spec) == "Sentiment?"  # the data is gone: the spec's own instruction
+    chat = {"data": {"train": str(ROOT / "data/chat/train.jsonl")}}  # every conversation has this one
+    assert trained_system(chat) == "You are a friendly, concise chat assistant."
+    rows = "".join(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                   + "\n" for _ in range(4))  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text(rows, encoding="utf-8")
+    assert trained_system({"data": {"train": str(tmp_path / "chat.jsonl")}}) is None  # none: the template's default

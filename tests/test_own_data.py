@@ -100,6 +100,30 @@ def test_a_repeated_column_error_is_reported_once_with_the_columns_and_the_mappi
     assert train[0].example.messages[1].content.startswith("message")
 
 
+def test_a_scenario_file_checked_as_chat_says_so_once_and_names_its_scenario(tmp_path: Path) -> None:
+    path = _slice("classification", tmp_path / "sentiment.jsonl", n=30, split="train")
+    result = runner.invoke(app, ["data", "validate", str(path)])  # no --scenario: read as chat
+    assert result.exit_code == 1
+    flat = [" ".join(line.split()) for line in result.output.split("error")[1:]]
+    missing = [line for line in flat if "[missing_messages]" in line]
+    assert len(missing) == 1, result.output  # not 30 identical lines
+    assert "on 30 rows (lines 1, 2, 3, ...)" in missing[0]
+    assert "the file has columns ['label', 'text'], as classification rows have" in missing[0]
+    assert "--scenario classification" in missing[0]
+
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4)
+    result = runner.invoke(app, ["data", "validate", str(pairs)])
+    assert "as preference rows have: check it with --scenario preference" in " ".join(result.output.split())
+
+
+def test_a_mapping_is_suggested_only_when_it_is_unambiguous(tmp_path: Path) -> None:
+    path = _slice("ner", tmp_path / "ner.jsonl", n=5)
+    result = runner.invoke(app, ["data", "validate", str(path), "--scenario", "classification"])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the file has columns ['tags', 'tokens']" in flat
+    assert "data.columns: {text: <column>, label: <column>}" in flat, flat  # not a guess that pairs them wrongly
+
+
 def test_a_cut_off_json_line_names_the_cause(tmp_path: Path) -> None:
     path = tmp_path / "cut.jsonl"
     path.write_text('{"text": "fine", "label": "ok"}\n{"text": "the line was cut in the mid\n', encoding="utf-8")
@@ -236,3 +260,44 @@ def test_a_new_head_is_one_tunelab_line_not_a_missing_weights_table(
     logged = [r.getMessage() for r in caplog.records if r.name.startswith(("transformers", "tunelab"))]
     assert any("a new sequence classification head with 2 labels was initialised" in m for m in logged), logged
     assert not any("MISSING" in m or "LOAD REPORT" in m for m in logged), logged
+
+
+def test_every_task_judges_each_metric_in_its_declared_direction() -> None:
+    """The report takes a task's lower_is_better, the terminal table and the service's events tunelab.metrics':
+    they must agree, or the same faster evaluation is "better" in the terminal and "worse" in the report."""
+    from tunelab.metrics import DIRECTION
+    from tunelab.tasks import head_scenarios, scenario_names
+
+    for name, approach in [(n, "generative") for n in scenario_names()] + [(n, "head") for n in head_scenarios()]:
+        task = get_task(name, approach)
+        wrong = [m for m, way in DIRECTION.items() if (m in task.lower_is_better) != (way == "lower")]
+        assert not wrong, f"{name}/{approach}: {wrong}"
+
+
+@pytest.mark.parametrize(("every_s", "shown"), [(0.0, [1, 2, 3, 4, 5]), (1e9, [5])])
+def test_training_steps_show_in_a_log_at_least_every_few_seconds(
+    every_s: float, shown: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow steps (5 steps of a minute each on a busy CPU) gave one line at the end of a log: time decides too."""
+    from io import StringIO
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", every_s)
+    log = StringIO()
+    with progress.ProgressReporter(5, 0, tmp_path / "metrics.jsonl", Console(file=log, width=200)) as reporter:
+        for step in range(1, 6):
+            reporter.update({"step": step, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0}, eta_s=5.0 - step)
+    assert [int(line.split()[1].split("/")[0]) for line in log.getvalue().splitlines()] == shown
+
+
+def test_benchmark_scoring_shows_progress_in_a_log() -> None:
+    from io import StringIO
+
+    from tunelab.benchmarks.harness import _progress
+
+    log = StringIO()
+    with _progress(Console(file=log, width=200)) as on_progress:
+        for done in range(0, 101, 5):
+            on_progress(done, 100)
+    lines = log.getvalue().splitlines()
+    # A line per tenth of the questions (not per chunk scored), the last one at the end.
+    assert len(lines) == 10 and lines[-1].startswith("benchmarks: 100/100 questions scored"), lines

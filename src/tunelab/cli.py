@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import ConfigError, Problem, TunelabError
+from tunelab.errors import ConfigError, Problem, TunelabError, summarize
 from tunelab.export.gguf_cli import export_gguf_cmd
 from tunelab.export.onnx_cli import export_onnx_cmd
 from tunelab.inference_server.cli import serve_cmd
@@ -570,7 +570,7 @@ def _validate_chat(file: Path, model: str | None, max_seq_len: int, min_examples
 
     counter = token_counter(model) if model else None
     report = validate_chat_file(file, count_tokens=counter, max_seq_len=max_seq_len, min_examples=min_examples)
-    for problem in report.errors:
+    for problem in summarize(report.errors, file.name, _not_chat_hints(report.other_columns)):
         out.print(f"[red]error[/]   {escape(str(problem))}")
     for problem in report.warnings:
         out.print(f"[yellow]warning[/] {escape(str(problem))}")
@@ -583,6 +583,30 @@ def _validate_chat(file: Path, model: str | None, max_seq_len: int, min_examples
         console.print("lengths not checked: pass --model (e.g. embedded) to count tokens against --max-seq-len")
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _not_chat_hints(columns: set[str]) -> dict[str, str]:
+    """Rows in no chat format: name the columns they have and, when they fit a scenario's fields, that scenario,
+    so a classification file checked without --scenario says so once instead of failing on every row."""
+    from tunelab.data.preference import looks_like_pairs
+    from tunelab.data.validate import FORMAT_HINT
+    from tunelab.tasks import get_task, scenario_names
+
+    if not columns:
+        return {}
+    required = {name: set(getattr(get_task(name), "required", ())) for name in scenario_names()}
+    # The scenario needing the most of the file's columns (text + label: classification rather than domain).
+    fits = sorted(
+        (name for name, need in required.items() if need and need <= columns), key=lambda n: -len(required[n])
+    )
+    fits = ["preference"] if looks_like_pairs(dict.fromkeys(columns)) else fits  # pairs have two shapes of keys
+    found = f"the file has columns {sorted(columns)}"
+    hint = (
+        f"{found}, as {fits[0]} rows have: check it with --scenario {fits[0]}"
+        if fits
+        else f"{found}; a chat file must {FORMAT_HINT}, or give another scenario with --scenario"
+    )
+    return {"missing_messages": hint}
 
 
 @data_app.command("preview")

@@ -39,6 +39,8 @@ class ValidationReport:
     n_rows: int = 0
     token_counts: list[int] = field(default_factory=list)
     n_truncated: int = 0
+    # The keys of the rows that are in no chat format: what the file has instead (another scenario's columns?).
+    other_columns: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +97,7 @@ def _check_row(item: Row, report: ValidationReport, forced: bool) -> ChatExample
         return None
     found = detect_format(row)
     if found is None:
+        report.other_columns.update(row)
         code = "missing_messages" if report.format in (None, "messages") else "unknown_format"
         report.errors.append(Problem(where, "no `messages` list (nor another chat format's keys)", FORMAT_HINT, code))
         return None

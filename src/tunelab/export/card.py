@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tunelab.layout import RunLayout
+from tunelab.metrics import is_timing
 from tunelab.models import EMBEDDED, EMBEDDED_HUB_ID, BaseReference, base_reference
 
 Kind = Literal["adapter", "merged"]
@@ -71,7 +72,7 @@ def write_card(
     """Write `folder/README.md`: the metadata block and a short body (results, how to load, the spec)."""
     kind: Kind = "adapter" if (folder / "adapter_config.json").is_file() else "merged"
     task_type = _task_type(folder)
-    before, after = (summary or {}).get("before") or {}, (summary or {}).get("after") or {}
+    before, after = (_scores((summary or {}).get("before")), _scores((summary or {}).get("after")))
     data = _card_data(kind, task_type, ref, spec, after)
     body = _body(kind, task_type, ref, spec, before, after)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -112,6 +113,11 @@ def _card_data(
         eval_results=results or None,
         **extra,
     )
+
+
+def _scores(metrics: dict[str, float] | None) -> dict[str, float]:
+    # How long this machine took to evaluate says nothing about the model: not a result on a card.
+    return {k: v for k, v in (metrics or {}).items() if not is_timing(k)}
 
 
 def _body(

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from tunelab.errors import TunelabError
+from tunelab.train.progress import phase
 
 # The types `gguf.quants` can write; K-quants (q4_k, ...) are only read there, so llama.cpp's own
 # `llama-quantize` makes them from the f16 file.
@@ -67,16 +68,19 @@ def export_gguf(
     try:
         _write_hparams(writer, model.config, file_type, name or model_dir.name)
         _write_vocab(writer, tokenizer, model_dir, model.config.vocab_size)
-        tensors = list(_tensors(model.state_dict(), model.config, arch, qtype))
-        for tensor_name, data in tensors:
-            writer.add_tensor(tensor_name, data.array, raw_dtype=data.qtype)
+        state = _exported(model.state_dict(), model.config)
+        # Quantising is the long part (q8_0 of a 135M model: tens of seconds): shown when the caller asks for it.
+        with phase("tensors", len(state), "tensors") as shown:
+            for tensor_name, data in _tensors(state, model.config, arch, qtype):
+                writer.add_tensor(tensor_name, data.array, raw_dtype=data.qtype)
+                shown.advance(1)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
     partial.replace(out)
-    return GgufExport(out, write_modelfile(out, tokenizer, system), quant, len(tensors))
+    return GgufExport(out, write_modelfile(out, tokenizer, system), quant, len(state))
 
 
 def _quant_type(quant: str) -> tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]:
@@ -186,13 +190,16 @@ class _Tensor:
     qtype: gguf.GGMLQuantizationType
 
 
+def _exported(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    # Tied embeddings are written once: llama.cpp reuses token_embd when the file has no output.weight.
+    return {k: v for k, v in state.items() if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+
+
 def _tensors(
     state: dict[str, torch.Tensor], config: Any, arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQuantizationType
 ) -> Iterator[tuple[str, _Tensor]]:
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for hf_name, tensor in state.items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # llama.cpp reuses token_embd when the file has no output.weight
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise TunelabError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")

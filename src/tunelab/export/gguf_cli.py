@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,10 +27,12 @@ def export_gguf_cmd(
 ) -> None:
     """Write a GGUF file for llama.cpp and Ollama (Llama architecture), and an Ollama Modelfile beside it."""
     from tunelab.export.gguf import export_gguf
+    from tunelab.train.progress import reporting
 
     folder, target, system = _source(run, model, quant, out_file)
     name = (run.resolve() if run else folder.resolve()).name
-    result = export_gguf(folder, target, quant, system=system, name=name)
+    with reporting(Console(stderr=True, soft_wrap=True), f"gguf {quant}"):  # progress on stderr, results on stdout
+        result = export_gguf(folder, target, quant, system=system, name=name)
     size = result.path.stat().st_size / 2**20
     out.print(f"GGUF ({quant}): {result.path}  ({size:.1f} MiB, {result.tensors} tensors)")
     out.print(f"Modelfile: {result.modelfile}")
@@ -55,5 +57,24 @@ def _source(run: Path | None, model: Path | None, quant: str, out_file: Path | N
     from tunelab.export.card import run_record
 
     spec, _ = run_record(run)
-    system = (spec or {}).get("task", {}).get("instruction")
-    return merged, out_file or run / "gguf" / f"{run.resolve().name}-{quant}.gguf", system
+    return merged, out_file or run / "gguf" / f"{run.resolve().name}-{quant}.gguf", trained_system(spec)
+
+
+def trained_system(spec: dict[str, Any] | None) -> str | None:
+    """The system message the run's examples were trained with, when they all share one: a scenario's own
+    instruction (classification's names its labels) even when `task.instruction` was not set, so Ollama prompts
+    as training did. None (the chat template's default) when the examples differ, have none, or cannot be read."""
+    from tunelab.config import load_spec
+    from tunelab.tasks import get_task
+
+    if not spec:
+        return None
+    instruction = spec.get("task", {}).get("instruction")
+    try:
+        job = load_spec(None, base=spec)
+        split = getattr(get_task(job.task.scenario, job.task.approach), "split", None)
+        items = split(job)[0] if split is not None else []
+    except (TunelabError, OSError):
+        return instruction  # the data files moved: the spec's own instruction, if any
+    systems = {m[0].content if m and m[0].role == "system" else None for m in (i.example.messages for i in items)}
+    return systems.pop() if len(systems) == 1 else instruction

@@ -99,8 +99,9 @@ class GenerativeTask(ABC):
         if not fields:
             return {}
         spare = [c for c in columns if c not in self.required and c not in spec.data.columns.values()]
-        # The mapping is guessed only when it is unambiguous (as many spare columns as missing fields).
-        pairs = list(zip(fields, spare if len(spare) == len(fields) else ["<column>"] * len(fields), strict=True))
+        # The mapping is guessed only when it is unambiguous: one field missing, one column unused. Two and two
+        # could be paired either way (an NER file checked as classification got {text: tags, label: tokens}).
+        pairs = list(zip(fields, spare if len(spare) == len(fields) == 1 else ["<column>"] * len(fields), strict=True))
         mapping = ", ".join(f"{f}: {c}" for f, c in pairs)
         return {
             "missing_field": f"{self.name} rows need {list(self.required)}; the file has columns {columns}; "

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 class PreferenceTask(GenerativeTask):
     name = "preference"
-    lower_is_better = frozenset()
+    # (inherited: the directions declared in tunelab.metrics; the pair metrics improve upward)
     max_new_tokens = 48
 
     def parse(self, row: dict[str, Any], line: int, spec: JobSpec) -> Item:

@@ -46,6 +46,11 @@ class ProgressReporter:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._start = start_step
+        self._last_line = time.perf_counter()
+
+    def _line_due(self) -> bool:
+        # In a log, slow steps (a minute each on a busy CPU) must not leave it silent for `plain_every` steps.
+        return time.perf_counter() - self._last_line >= PLAIN_EVERY_S
 
     @property
     def quiet(self) -> bool:
@@ -86,7 +91,8 @@ class ProgressReporter:
             self._progress.update(
                 self._task, completed=step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}"
             )
-        elif step % self.plain_every == 0 or step == self.total:
+        elif step % self.plain_every == 0 or step == self.total or self._line_due():
+            self._last_line = time.perf_counter()
             self.console.print(
                 f"step {step}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                 f"{row['tokens_per_s']:.0f} tok/s  ETA {eta_s:.0f}s"
