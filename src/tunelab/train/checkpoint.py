@@ -31,6 +31,8 @@ class TrainerState:
     tokens: int = 0  # real (non-padding) tokens seen
     elapsed_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # Validation loss during training ({"step", "loss", "rows", "seconds"}); older checkpoints have none.
+    validation: list[dict[str, float]] = field(default_factory=list)
 
 
 class CheckpointBackend(Protocol):
