@@ -233,3 +233,5 @@ def test_hyperparameters_validation_points_versions_and_artefacts(tmp_path: Path
 def test_no_validation_points_says_why(tmp_path: Path) -> None:
     html, _ = _write(tmp_path)
     assert "not measured during training" in html and 'class="validation"' not in html
+    untrained, _ = _write(tmp_path / "eval", history=[])  # `tunelab eval`: no training, no such section
+    assert "Validation loss during training" not in untrained

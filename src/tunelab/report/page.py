@@ -112,6 +112,7 @@ def write_report(
         png_b64=_b64(png),
         png_alt=_png_alt(benchmarks, bool(validation)),
         validation=validation_rows(history, validation),
+        trained=bool(history),  # `tunelab eval` writes the same page without a training run
         figures={k: _b64(v) for k, v in (figures or {}).items()},
         samples=[_view(s) for s in samples],
         missing=MISSING,

@@ -43,7 +43,8 @@ def hyperparameters(spec: JobSpec, steps: int, processes: int = 1) -> dict[str, 
     method = spec.method.model_dump(mode="json")
     settings = ", ".join(f"{k} {v}" for k, v in method.items() if k != "name" and v is not None)
     batch = train.batch_size * train.grad_accum * processes
-    return {
+    objective = {"objective": f"DPO, beta {spec.task.beta:g}"} if spec.task.scenario == "preference" else {}
+    return objective | {
         "method": spec.method.name + (f" ({settings})" if settings else ""),
         "learning rate": f"{train.lr:g} ({train.schedule}, warmup {train.warmup_ratio:g})",
         "batch": f"{train.batch_size} x {train.grad_accum} accumulation x {processes} process(es) = {batch} rows",

@@ -67,7 +67,7 @@ img { max-width: 100%; }
 {% endif %}
 <img alt="{{ png_alt }}" src="data:image/png;base64,{{ png_b64 }}">
 
-<h2>Validation loss during training</h2>
+{% if trained %}<h2>Validation loss during training</h2>
 {% if validation %}<table class="validation">
 <tr><th>step</th><th>validation loss</th><th>training loss (smoothed)</th><th>validation rows</th></tr>
 {% for v in validation %}<tr data-step="{{ v.step }}"><td class="num">{{ v.step }}</td>\
@@ -75,7 +75,7 @@ img { max-width: 100%; }
 {% endfor %}</table>
 {% else %}<p class="missing">not measured during training (train.eval_every: 0, evaluation disabled, a preference \
 objective or several processes)</p>
-{% endif %}
+{% endif %}{% endif %}
 {% for name, data in figures.items() %}<h2>{{ name }}</h2>
 <img alt="{{ name }}" src="data:image/png;base64,{{ data }}">
 {% endfor %}
