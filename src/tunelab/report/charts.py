@@ -137,7 +137,7 @@ def loss_panel(
         return
     steps, losses = zip(*points, strict=True)
     ax.plot(steps, losses, color=AFTER_COLOR, alpha=0.3, linewidth=1, label="training (raw)")
-    ax.plot(steps, smoothed(losses), color=AFTER_COLOR, linewidth=2.2, label=f"training (smoothed, {SMOOTHING})")
+    ax.plot(steps, smoothed(losses), color=AFTER_COLOR, linewidth=2.2, label=f"training (smoothed, EMA {SMOOTHING})")
     if validation:
         xs, ys = [v["step"] for v in validation], [v["loss"] for v in validation]
         rows = int(validation[-1].get("rows", 0))
@@ -154,8 +154,10 @@ def _evaluation_marks(ax: Axes, before: float | None, after: float | None, last:
     marks = [(x, v) for x, v in ((0.0, before), (last, after)) if v is not None and math.isfinite(v)]
     if marks:
         xs, ys = zip(*marks, strict=True)
-        ax.plot(xs, ys, linestyle="none", marker="D", markersize=8, markerfacecolor="none",
-                markeredgecolor=VALIDATION_COLOR, markeredgewidth=2, label="evaluation before / after")  # fmt: skip
+        style = {"marker": "D", "markersize": 8, "markerfacecolor": "none", "markeredgewidth": 2}
+        ax.plot(
+            xs, ys, linestyle="none", markeredgecolor=VALIDATION_COLOR, label="full evaluation before / after", **style
+        )
 
 
 def _bar_panel(ax: Axes, name: str, old: float | None, new: float | None, has_after: bool) -> None:
