@@ -154,9 +154,9 @@ def _evaluation_marks(ax: Axes, before: float | None, after: float | None, last:
     marks = [(x, v) for x, v in ((0.0, before), (last, after)) if v is not None and math.isfinite(v)]
     if marks:
         xs, ys = zip(*marks, strict=True)
-        style = {"marker": "D", "markersize": 8, "markerfacecolor": "none", "markeredgewidth": 2}
-        ax.plot(
-            xs, ys, linestyle="none", markeredgecolor=VALIDATION_COLOR, label="full evaluation before / after", **style
+        label = "full evaluation before / after"
+        ax.plot(xs, ys, linestyle="none", marker="D", markersize=8, markerfacecolor="none", label=label)[0].set(
+            markeredgecolor=VALIDATION_COLOR, markeredgewidth=2
         )
 
 
