@@ -17,6 +17,7 @@ import matplotlib
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tunelab.metrics import is_timing
 
@@ -146,8 +147,9 @@ def loss_panel(
     _evaluation_marks(ax, before, after, steps[-1])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
 
 
 def _evaluation_marks(ax: Axes, before: float | None, after: float | None, last: float) -> None:
