@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.methods import get_method
+from tunelab.models import base_reference
 from tunelab.report.page import RunDetails, Sample
 from tunelab.train.progress import EVAL_KEY, VALIDATION
 
@@ -60,10 +61,11 @@ def data_counts(spec: JobSpec, data: TaskData, tokens_seen: int) -> dict[str, st
     """Examples and rows of each split, and the tokens they hold."""
     train_tokens = sum(len(r.input_ids) for r in data.train_rows)
     val_tokens = sum(len(r.input_ids) for r in data.val_rows)
-    sources = ", ".join(str(s.path) for s in spec.data.sources)
+    sources = ", ".join(str(s.path.resolve()) for s in spec.data.sources)
+    validation = spec.data.validation.resolve() if spec.data.validation else None
     counts = {
         "training data": sources + (f" ({data.sources})" if data.sources else ""),
-        "validation data": str(spec.data.validation or f"{spec.data.validation_split:g} of the training data"),
+        "validation data": str(validation or f"{spec.data.validation_split:g} of the training data"),
         "training examples": f"{data.n_train_examples:,} in {len(data.train_rows):,} rows ({train_tokens:,} tokens)",
         "validation examples": f"{data.n_val_examples:,} in {len(data.val_rows):,} rows ({val_tokens:,} tokens)",
         "tokens trained on": f"{tokens_seen:,}",
@@ -93,8 +95,8 @@ def loading_snippet(spec: JobSpec, adapter: Path | None, merged: Path | None) ->
     is_peft = get_method(spec.method.name).peft
     imports = ([f"from peft import {peft_loader}"] if is_peft else []) + [f"from transformers import {loader}"]
     tuned = f'tuned = {peft_loader if is_peft else loader}.from_pretrained("{adapter.resolve()}")'
-    if is_peft:
-        tuned += "  # the base, by the name the adapter records, with the adapter"
+    if is_peft:  # the adapter records its base by a name that resolves elsewhere (a hub id for the embedded model)
+        tuned += f"  # base {base_reference(spec.model.name).name} + this adapter"
     if merged is not None:
         last = f'merged = {loader}.from_pretrained("{merged.resolve()}")  # one model, adapter merged in'
     else:
