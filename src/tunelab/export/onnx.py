@@ -169,7 +169,9 @@ class OnnxDecoder:
         self._generator = None  # frees the KV cache now, not when the garbage collector gets to it
 
 
-def generate_onnx(folder: Path, prompt: str, max_new_tokens: int, raw: bool = False, threads: int | None = None) -> str:
+def generate_onnx(
+    folder: Path, prompt: str, max_new_tokens: int, raw: bool = False, threads: int | None = None
+) -> str:
     """`tunelab generate --onnx DIR`: greedy reply to a user message (or raw continuation) from an ONNX export."""
     model = OnnxModel(folder, threads)
     text = prompt if raw else chat_prompt(model.tokenizer, [{"role": "user", "content": prompt}])

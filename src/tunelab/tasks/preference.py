@@ -44,7 +44,9 @@ class PreferenceTask(GenerativeTask):
     def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         return self._rows([], self.held_out(spec)[1], spec, tokenizer)
 
-    def _rows(self, train: list[Item], val: list[Item], spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+    def _rows(
+        self, train: list[Item], val: list[Item], spec: JobSpec, tokenizer: PreTrainedTokenizerBase
+    ) -> TaskData:
         warnings = self.check_split(train, val, spec)
         train_pairs = _tokenize_pairs(train, tokenizer, spec, warnings, "train") if train else []
         val_pairs = _tokenize_pairs(val, tokenizer, spec, warnings, "validation")
