@@ -21,7 +21,7 @@ from tunelab.benchmarks import TASKS_DIR, BenchmarkScores
 from tunelab.benchmarks.harness import score_benchmarks
 from tunelab.cli import app
 from tunelab.metrics import is_timing
-from tunelab.report import DPI, PANEL_WIDTH_IN
+from tunelab.report import DPI, FIGURE_WIDTH_IN, panels
 
 ROOT = Path(__file__).parents[1]
 runner = CliRunner()
@@ -256,7 +256,7 @@ def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval" not in r] == [1, 2, 3]
     evals = {r["eval"]: r for r in rows if "eval" in r}
-    assert set(evals) == {"before", "after"} and evals["after"]["step"] == 3
+    assert set(evals) == {"validation", "before", "after"} and evals["after"]["step"] == 3
     assert evals["before"]["truthfulqa_mc2/acc"] != evals["after"]["truthfulqa_mc2/acc"]  # lr 5e-2 moves it
     summary = json.loads((run / "summary.json").read_text())
     assert summary["before"]["truthfulqa_mc1/acc"] == evals["before"]["truthfulqa_mc1/acc"]
@@ -264,11 +264,14 @@ def test_training_scores_benchmarks_before_and_after(questions: Path, tiny_llama
     html = (run / "report.html").read_text()
     assert 'data-metric="truthfulqa_mc2/acc"' in html
     assert "benchmarks before and after: truthfulqa_mc1/acc, truthfulqa_mc2/acc" in html
-    # One panel per scenario metric (times are not drawn), ONE grouped panel for both benchmark metrics, the loss
-    # panel.
+    # One panel per scenario metric (times are not drawn), ONE grouped panel for both benchmark metrics.
     scenario = [name for name in summary["before"] if "/" not in name and not is_timing(name)]
+    assert panels(summary["before"], summary["after"], ["truthfulqa_mc1/acc", "truthfulqa_mc2/acc"]) == [
+        *scenario,
+        "benchmarks",
+    ]
     with Image.open(run / "report.png") as png:
-        assert png.size[0] == round(DPI * PANEL_WIDTH_IN * (len(scenario) + 2))
+        assert png.size[0] == round(DPI * FIGURE_WIDTH_IN)
 
 
 @pytest.mark.parametrize("kind", ["qlora", "prompt_tuning"])

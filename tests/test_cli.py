@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from html import unescape
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,7 +52,15 @@ def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tm
     assert (run / "report.html").is_file() and (run / "report.png").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval" not in r] == list(range(1, 9))  # one row per step
-    assert [r["eval"] for r in rows if "eval" in r] == ["before", "after"]  # then the evaluations' times
+    # The validation loss every 2 steps (the default: about 5 points), then the evaluations' times.
+    assert [(r["eval"], r["step"]) for r in rows if "eval" in r] == [
+        ("validation", 2), ("validation", 4), ("validation", 6), ("validation", 8), ("before", 0), ("after", 8)
+    ]  # fmt: skip
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert 'data-hp="learning rate"><th>learning rate</th><td>0.005 (cosine' in html
+    assert html.count('<tr data-step="') == 4 and "im_start" not in html
+    assert '<div class="turn user"><div class="role">user</div>' in html
+    assert '<div class="score">rouge_l ' in html  # each sample's own score
     assert "trainable parameters" in result.output
     assert "longer than train.max_seq_len=64 were truncated" in result.output  # counted and warned, not silent
 
@@ -63,6 +73,12 @@ def test_train_produces_report_adapter_and_merged_model(tiny_llama_dir: Path, tm
     with torch.no_grad():
         diff = (merged(ids).logits - adapted(ids).logits).abs().max()
     assert diff < 1e-4
+    # The report's three lines load what they say.
+    snippet = re.search(r'<pre class="snippet"><code>(.*?)</code></pre>', html, re.DOTALL)
+    assert snippet is not None and len(snippet.group(1).splitlines()) == 3
+    loaded: dict[str, Any] = {}
+    exec(unescape(snippet.group(1)), loaded)
+    assert _generate(loaded["tuned"].eval(), ids) == _generate(adapted, ids) == _generate(loaded["merged"].eval(), ids)
 
     # Resume of a finished run is a no-op that still exports; export --run re-merges from the adapter.
     exported = runner.invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "again")])

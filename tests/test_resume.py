@@ -24,9 +24,9 @@ ROOT = Path(__file__).parents[1]
 TRAIN = TrainSpec(max_steps=6, batch_size=2, grad_accum=2, lr=3e-3, max_seq_len=64, seed=3, warmup_ratio=0.2)
 
 
-def _rows(tokenizer_dir: Path) -> tuple[list[Row], int]:
+def _rows(tokenizer_dir: Path, split: str = "train") -> tuple[list[Row], int]:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lines = (ROOT / "data/chat/train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    lines = (ROOT / f"data/chat/{split}.jsonl").read_text(encoding="utf-8").splitlines()[:40]
     examples = [tokenize(to_example(json.loads(line), i, "messages"), tok, 64) for i, line in enumerate(lines, 1)]
     return pack(examples, 64), tok.pad_token_id
 
@@ -44,14 +44,25 @@ def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir: Path, tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     rows, pad = _rows(tiny_tokenizer_dir)
+    val, _ = _rows(tiny_tokenizer_dir, "validation")  # validation loss every 2 steps (the default: ~5 points)
     ckpt = CheckpointSpec(every_steps=2, keep_last=2)
 
     straight = _model(tiny_llama_dir)
-    full = train(straight, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "a")
+    full = train(
+        straight, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "a", val_rows=val
+    )
 
     first = _model(tiny_llama_dir)
     part = train(
-        first, rows, pad_id=pad, packed=True, train_spec=TRAIN, ckpt_spec=ckpt, out_dir=tmp_path / "b", stop_after=3
+        first,
+        rows,
+        pad_id=pad,
+        packed=True,
+        train_spec=TRAIN,
+        ckpt_spec=ckpt,
+        out_dir=tmp_path / "b",
+        stop_after=3,
+        val_rows=val,
     )
     assert part.interrupted and part.state.step == 3
     torch.manual_seed(1234)  # a different process state: resume must not depend on it
@@ -65,6 +76,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir: Path, tiny_tokeniz
         ckpt_spec=ckpt,
         out_dir=tmp_path / "b",
         resume_from=latest_checkpoint(tmp_path / "b" / "checkpoints"),
+        val_rows=val,
     )
 
     losses = [h["loss"] for h in full.state.history]
@@ -72,8 +84,14 @@ def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir: Path, tiny_tokeniz
     assert losses[-1] < losses[0]
     for name, value in _adapter(straight).items():
         torch.testing.assert_close(_adapter(second)[name], value, rtol=0, atol=0)
-    logged = [json.loads(line)["step"] for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4, 5, 6]
+    points = [(v["step"], v["loss"]) for v in full.state.validation]
+    assert [s for s, _ in points] == [2, 4, 6] and points[-1][1] < points[0][1]
+    assert [(v["step"], v["loss"]) for v in resumed.state.validation] == points  # the step-2 point came back too
+    logged = [json.loads(line) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("eval", ""), r["step"]) for r in logged] == [
+        ("", 1), ("", 2), ("validation", 2), ("", 3), ("", 4), ("validation", 4), ("", 5), ("", 6), ("validation", 6)
+    ]  # fmt: skip
+    assert [r["loss"] for r in logged if r.get("eval")] == [loss for _, loss in points]
     assert len(list((tmp_path / "b/checkpoints").glob("step-*"))) == 2  # keep_last
 
 

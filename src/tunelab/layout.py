@@ -36,7 +36,7 @@ class RunLayout:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"  # a row per logged step, plus the before/after evaluation rows
+        return self.root / "metrics.jsonl"  # a row per step, validation points ("eval" rows), before/after
 
     @property
     def eval_before(self) -> Path:

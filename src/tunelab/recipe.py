@@ -21,12 +21,14 @@ from transformers import PreTrainedTokenizerBase, set_seed
 
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
+from tunelab.data.packing import Row
 from tunelab.export.card import finish_run_artefacts
 from tunelab.export.merge import save_adapter, save_merged
 from tunelab.layout import RunLayout
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
-from tunelab.report import Sample, confusion_png, write_report
+from tunelab.report import confusion_png, write_report
+from tunelab.report.run import details, read_metrics, scored_samples
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
@@ -123,6 +125,7 @@ def run_job(
         stop_after=stop_after,
         dist_spec=spec.distributed,
         objective=objective,
+        val_rows=_validation_rows(spec, data),
     )
     if result.interrupted:
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)
@@ -140,7 +143,9 @@ def run_job(
         adapter = save_adapter(model, tokenizer, layout.adapter, pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
     log_benchmarks(layout.metrics, before, after, result.state.step)
-    report = _report(spec, source.label, before, after, result, trainable, total, task)
+    report = _report(
+        spec, source.label, _Outcome(before, after, result, adapter, merged), trainable, total, task, data, tokenizer
+    )
     summary = _summary(
         spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
     )
@@ -264,20 +269,38 @@ def _save_pissa_init(model: torch.nn.Module, spec: JobSpec, out: Path) -> Path |
     return path
 
 
+def _validation_rows(spec: JobSpec, data: TaskData) -> list[Row]:
+    """The rows of the validation loss during training: with evaluation on (or `train.eval_every` set), for the
+    model's own loss (a DPO objective scores its training pairs' reference only), in one process."""
+    every = spec.train.eval_every
+    wanted = every != 0 and (every is not None or spec.eval.enabled)
+    if not wanted or data.objective is not None or spec.distributed.strategy != "none":
+        return []
+    return data.val_rows
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    before: Evaluation
+    after: Evaluation | None
+    result: TrainResult
+    adapter: Path | None
+    merged: Path | None
+
+
 def _report(
     spec: JobSpec,
     model_label: str,
-    before: Evaluation,
-    after: Evaluation | None,
-    result: TrainResult,
+    outcome: _Outcome,
     trainable: int,
     total: int,
     task: Task,
+    data: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> Path:
-    outputs: list[str | None] = [g.output for g in after.samples] if after else []
-    outputs += [None] * (len(before.samples) - len(outputs))
-    samples = [Sample(b.prompt, b.reference, b.output, a) for b, a in zip(before.samples, outputs, strict=False)]
+    before, after, result = outcome.before, outcome.after, outcome.result
     state = result.state
+    history, validation = read_metrics(RunLayout(spec.output_dir).metrics)  # what the whole run logged
     info = {
         "model": model_label,
         "method": spec.method.name,
@@ -293,12 +316,14 @@ def _report(
         title=f"tunelab: {spec.method.name} on {spec.task.scenario}",
         before=before.metrics,
         after=after.metrics if after else None,
-        history=state.history,
-        samples=samples,
+        history=history,
+        samples=scored_samples(task, tokenizer, data, spec, before, after),
         info=info,
         lower_is_better=task.lower_is_better | benchmarks_lower,
         figures=_figures(before, after),
         benchmarks=benchmarks,
+        validation=validation,
+        details=details(spec, data, state.step, state.tokens, (outcome.adapter, outcome.merged), current_world().size),
     )
     return paths.html
 

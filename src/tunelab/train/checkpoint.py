@@ -31,6 +31,8 @@ class TrainerState:
     tokens: int = 0  # real (non-padding) tokens seen
     elapsed_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # Validation loss during training ({"step", "loss", "rows", "seconds"}); older checkpoints have none.
+    validation: list[dict[str, float]] = field(default_factory=list)
 
 
 class CheckpointBackend(Protocol):
@@ -125,9 +127,7 @@ def load_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(files.optimizer)), _read_json(files.optimizer_state))
-    )
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(files.optimizer)), _read_json(files.optimizer_state)))
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -86,8 +86,11 @@ def train(
     reporter: ProgressReporter | None = None,
     dist_spec: DistributedSpec | None = None,
     objective: Objective | None = None,
+    val_rows: Sequence[Row] = (),
 ) -> TrainResult:
     """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
+    `val_rows`: the validation loss is measured on the first `train.eval_rows` of them every `train.eval_every`
+    steps (one process only: a sharded model cannot run a forward pass on one rank alone).
 
     With several processes every one calls this with the same rows; each takes its slice of every micro-batch."""
     if not rows:
@@ -110,7 +113,7 @@ def train(
     if resume_from is not None:
         state = load_checkpoint(resume_from, backend, scheduler)
         if world.is_main:
-            rewrite_metrics(metrics_path, state.history)
+            rewrite_metrics(metrics_path, state.history, state.validation)
     elif metrics_path.exists() and world.is_main:
         metrics_path.unlink()
     if reporter is None:
@@ -119,6 +122,8 @@ def train(
     def checkpoint() -> Path:
         return save_checkpoint(ckpt_root, backend, scheduler, state, ckpt_spec.keep_last)
 
+    val = list(val_rows[: train_spec.eval_rows]) if world.size == 1 else []
+    val_every = validation_every(train_spec, plan.total_steps) if val else 0
     last_ckpt: Path | None = None
     interrupted = False
     model.train()
@@ -144,6 +149,10 @@ def train(
             }
             state.history.append(row)
             reporter.update(row, eta_s=state.elapsed_s / state.step * (plan.total_steps - state.step))
+            if val_every and (state.step % val_every == 0 or state.step == plan.total_steps):
+                point = _validate(backend, objective, val, pad_id, packed, train_spec.batch_size, state.step)
+                state.validation.append(point)
+                reporter.validation(point)
             every = ckpt_spec.every_steps
             if every and state.step % every == 0 and state.step < plan.total_steps:
                 last_ckpt = checkpoint()
@@ -159,6 +168,31 @@ def train(
             )
     model.eval()
     return TrainResult(state, interrupted, last_ckpt, backend)
+
+
+def validation_every(train_spec: TrainSpec, total_steps: int) -> int:
+    """Steps between validation-loss points: `train.eval_every`, by default about five points over the run."""
+    if train_spec.eval_every is not None:
+        return train_spec.eval_every
+    return max(1, math.ceil(total_steps / 5))
+
+
+@torch.no_grad()
+def _validate(
+    backend: Backend, objective: Objective, rows: list[Row], pad_id: int, packed: bool, batch_size: int, step: int
+) -> dict[str, float]:
+    """The objective's loss on `rows`, normalised over all of them as a training step is over its batch (the
+    mean per token for a language model, as the evaluation's loss). Eval mode: no dropout, no random draw, so
+    an exactly resumed run measures the same points."""
+    started = time.perf_counter()
+    batches = [collate(rows[i : i + batch_size], pad_id, packed) for i in range(0, len(rows), batch_size)]
+    n_items = max(sum(objective.count(b) for b in batches), 1)
+    backend.unwrapped().eval()
+    try:
+        loss = sum(float(objective.loss(backend.forward, b, n_items)[0]) for b in batches)
+    finally:
+        backend.unwrapped().train()
+    return {"step": step, "loss": loss, "rows": len(rows), "seconds": time.perf_counter() - started}
 
 
 def _step(

@@ -98,17 +98,41 @@ class ProgressReporter:
                 f"{row['tokens_per_s']:.0f} tok/s  ETA {eta_s:.0f}s"
             )
 
+    def validation(self, point: dict[str, float]) -> None:
+        """Show one validation-loss point and append it to the metrics log (readers of steps skip it)."""
+        if self.metrics_path is None:
+            return
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(validation_row(point)) + "\n")
+        # Printed above a live bar too: a few lines a run, each worth keeping in the scrollback.
+        self.console.print(f"step {int(point['step'])}/{self.total}  validation loss {point['loss']:.4f}")
+
     def note(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text)
 
 
-def rewrite_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    """On resume, the log must hold exactly the steps the checkpoint knows (later ones were lost)."""
-    path.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+def rewrite_metrics(
+    path: Path, history: list[dict[str, float]], validation: list[dict[str, float]] | None = None
+) -> None:
+    """On resume, the log must hold exactly the steps (and validation points) the checkpoint knows (later ones
+    were lost); a validation row follows the step it was measured after, as in a run that never stopped."""
+    points = {int(row["step"]): row for row in validation or []}
+    lines = []
+    for row in history:
+        lines.append(json.dumps(row))
+        if int(row["step"]) in points:
+            lines.append(json.dumps(validation_row(points[int(row["step"])])))
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-EVAL_KEY = "eval"  # marks a metrics.jsonl row as an evaluation ("before"/"after"), not a training step
+EVAL_KEY = "eval"  # marks a metrics.jsonl row as an evaluation ("before"/"after"/"validation"), not a step
+VALIDATION = "validation"  # the EVAL_KEY of a validation-loss point measured during training
+
+
+def validation_row(point: dict[str, float]) -> dict[str, Any]:
+    """A validation point as metrics.jsonl holds it: {"eval": "validation", "step": 5, "loss": 2.4, ...}."""
+    return {EVAL_KEY: VALIDATION, **point}
 
 
 def log_benchmarks(path: Path, before: Evaluation, after: Evaluation | None, step: int) -> None:
