@@ -56,7 +56,21 @@ def render_samples(details: dict[str, Any], folder: Path, count: int = 3) -> Ren
         packages = sorted({TOOLS[m] for m in missing})
         return Rendering(note=f"sheet music and MIDI need {', '.join(missing)} ({', '.join(packages)}): {INSTALL_HINT}")
     folder.mkdir(parents=True, exist_ok=True)
-    return Rendering([render_tune(tune, folder / f"tune-{n}") for n, tune in enumerate(tunes, 1)])
+    rendered, failures = [], []
+    for n, tune in enumerate(tunes, 1):
+        try:
+            rendered.append(render_tune(tune, folder / f"tune-{n}"))
+        except RenderError as exc:  # one tune a renderer rejects must not cost the run its report
+            failures.append(f"tune-{n}: {exc}")
+    return Rendering(rendered, "; ".join(failures))
+
+
+def rendering_line(rendering: Rendering, folder: Path) -> str:
+    """One line for the console: where the sheet music and MIDI files are, or why there are none."""
+    if rendering.tunes:
+        shown = f"{len(rendering.tunes)} generated tune(s) as sheet music and MIDI in {folder}"
+        return shown + (f" ({rendering.note})" if rendering.note else "")
+    return f"no sheet music: {rendering.note}" if rendering.note else ""
 
 
 def render_tune(abc: str, stem: Path) -> RenderedTune:

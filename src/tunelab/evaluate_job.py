@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from transformers import set_seed
 
+from tunelab.abc_render import render_samples, rendering_line
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.inference import load_for_inference
@@ -52,6 +53,10 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
         lower_is_better=task.lower_is_better | benchmarks_lower,
         benchmarks=benchmarks,
     )
+    samples_dir = out_dir / "samples"  # generated ABC tunes (creative) as sheet music and MIDI
+    rendered = rendering_line(render_samples((result or base).details, samples_dir), samples_dir)
+    if rendered:
+        console.print(rendered)
     return EvalResult(base, result, paths.html)
 
 

@@ -19,6 +19,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from tunelab.abc_render import render_samples, rendering_line
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.export.card import finish_run_artefacts
@@ -140,6 +141,9 @@ def run_job(
         adapter = save_adapter(model, tokenizer, layout.adapter, pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
     log_benchmarks(layout.metrics, before, after, result.state.step)
+    rendered = rendering_line(render_samples(after.details if after else {}, out / "samples"), out / "samples")
+    if rendered:  # generated ABC tunes (creative) as sheet music and MIDI
+        console.print(rendered)
     report = _report(spec, source.label, before, after, result, trainable, total, task)
     summary = _summary(
         spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
