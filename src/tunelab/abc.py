@@ -7,6 +7,10 @@ A tune is well-formed when:
   (accidentals, octave marks, lengths), rests, bar lines and repeats, chord symbols in quotes, chords in
   brackets, ties, slurs, tuplets, broken rhythm, grace notes, decorations, or inline fields like `[K:G]`;
 - quotes, brackets and braces are balanced on every line.
+It is complete when, besides, its last line of music ends with a bar line (`|`, `||`, `|]`, `:|`...): how every
+tune of the bundled data ends, and what a generation cut off by a token limit mostly fails.
+A tune ends at its first empty line (standard 2.1, section 2.2): `first_tune` keeps that much of a generation, so a
+model that goes on to write the next tune is judged on the one it finished.
 This is a syntax check (what a parser would accept), not a judgement of the music.
 """
 
@@ -32,10 +36,18 @@ _ELEMENT = re.compile(
     re.X,
 )
 _BODY_FIELD = re.compile(r"^[KMLPQWwNR]:")
+_FIELD = re.compile(r"^[A-Za-z+]:")
+_FINAL_BAR = re.compile(r"[|\]:]\s*$")  # the music line's last element is a bar line or a repeat
 
 
-def check_tune(tune: str) -> str | None:
-    """None when `tune` is well-formed ABC, else the first reason it is not."""
+def first_tune(text: str) -> str:
+    """`text` up to its first empty line: the end of a tune in ABC 2.1."""
+    return re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0] + "\n"
+
+
+def check_tune(tune: str, complete: bool = False) -> str | None:
+    """None when `tune` is well-formed ABC (and, with `complete`, ends with a bar line), else the first reason it
+    is not."""
     lines = [line.rstrip() for line in tune.strip().splitlines()]
     k_index = next((i for i, line in enumerate(lines) if line.startswith("K:")), None)
     if not lines or not re.match(r"^X:\s*\d+$", lines[0]):
@@ -55,6 +67,16 @@ def check_tune(tune: str) -> str | None:
     notes = "".join(body)
     if not re.search(r"[A-Ga-g]", re.sub(r'"[^"]*"', "", notes)) or "|" not in notes:
         return "the body needs notes and bar lines"
+    if complete:
+        return _check_ending(body)
+    return None
+
+
+def _check_ending(body: list[str]) -> str | None:
+    music = [line for line in body if not _FIELD.match(line) and not line.startswith("%")]
+    last = music[-1] if music else ""
+    if last.endswith("\\") or not _FINAL_BAR.search(last) or "|" not in last:
+        return f"unfinished: the last line {last[-12:]!r} does not end with a bar line"
     return None
 
 
@@ -81,5 +103,5 @@ def _check_body_line(line: str) -> str | None:
     return None
 
 
-def well_formed_rate(tunes: list[str]) -> float:
-    return sum(check_tune(t) is None for t in tunes) / max(len(tunes), 1)
+def well_formed_rate(tunes: list[str], complete: bool = False) -> float:
+    return sum(check_tune(t, complete) is None for t in tunes) / max(len(tunes), 1)

@@ -10,9 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from transformers import set_seed
 
+from tunelab.abc_render import render_samples, rendering_line
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.inference import load_for_inference
+from tunelab.layout import RunLayout
 from tunelab.models import load_tokenizer, resolve
 from tunelab.report import Sample, write_report
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
@@ -41,6 +43,10 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
     result = _evaluate(task, data, spec, tuned, console) if tuned is not None else None
     outputs: list[str | None] = [s.output for s in result.samples] if result else [None] * len(base.samples)
     benchmarks, benchmarks_lower = benchmark_metrics(base)
+    samples_dir = RunLayout(out_dir).samples
+    music = render_samples((result or base).details, samples_dir)  # creative: sheet music and MIDI
+    if line := rendering_line(music, samples_dir):
+        console.print(line)
     paths = write_report(
         out_dir,
         title=f"tunelab eval: {spec.task.scenario}" + (f" — {tuned}" if tuned else ""),
@@ -51,6 +57,7 @@ def run_eval(spec: JobSpec, tuned: Path | None, out_dir: Path, console: Console)
         info={"model": spec.model.name, "tuned": str(tuned or "-"), "scenario": spec.task.scenario},
         lower_is_better=task.lower_is_better | benchmarks_lower,
         benchmarks=benchmarks,
+        music=music,
     )
     return EvalResult(base, result, paths.html)
 

@@ -59,6 +59,10 @@ class RunLayout:
         return self.root / "merged"
 
     @property
+    def samples(self) -> Path:
+        return self.root / "samples"  # generated ABC tunes as sheet music (SVG) and MIDI (creative runs)
+
+    @property
     def pissa_init(self) -> Path:
         return self.root / "pissa_init"  # PiSSA's adapter at initialisation, to convert the final one to a LoRA
 

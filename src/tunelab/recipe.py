@@ -19,6 +19,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from tunelab.abc_render import Rendering, render_samples, rendering_line
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.data.packing import Row
@@ -143,9 +144,11 @@ def run_job(
         adapter = save_adapter(model, tokenizer, layout.adapter, pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
     log_benchmarks(layout.metrics, before, after, result.state.step)
-    report = _report(
-        spec, source.label, _Outcome(before, after, result, adapter, merged), trainable, total, task, data, tokenizer
-    )
+    music = render_samples(after.details if after else {}, layout.samples)  # creative: sheet music and MIDI
+    if line := rendering_line(music, layout.samples):
+        console.print(line)
+    outcome = _Outcome(before, after, result, adapter, merged, music)
+    report = _report(spec, source.label, outcome, trainable, total, task, data, tokenizer)
     summary = _summary(
         spec, report, adapter, merged, before, after or Evaluation({}, []), trainable, total, result, started
     )
@@ -286,6 +289,7 @@ class _Outcome:
     result: TrainResult
     adapter: Path | None
     merged: Path | None
+    music: Rendering
 
 
 def _report(
@@ -324,6 +328,7 @@ def _report(
         benchmarks=benchmarks,
         validation=validation,
         details=details(spec, data, state.step, state.tokens, (outcome.adapter, outcome.merged), current_world().size),
+        music=outcome.music,
     )
     return paths.html
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab import __version__
+from tunelab.abc_render import RenderedTune, Rendering
 from tunelab.layout import RunLayout
 from tunelab.metrics import LOWER_IS_BETTER
 from tunelab.report.charts import fmt, metric_names, render_png, smoothed
@@ -92,12 +93,14 @@ def write_report(
     benchmarks: Sequence[str] = (),
     validation: Sequence[dict[str, float]] = (),
     details: RunDetails | None = None,
+    music: Rendering | None = None,
 ) -> ReportPaths:
     """`lower_is_better`: the metrics that improve by going down (default: as declared in tunelab.metrics).
     `figures`: further PNG pictures (title -> bytes), e.g. confusion matrices, embedded after the main one.
     `benchmarks`: metrics drawn together in one grouped before/after bar chart (lm-eval benchmarks).
     `validation`: the validation-loss points measured during training (metrics.jsonl's "validation" rows).
-    `details`: hyperparameters, data counts, artefacts; versions and date are filled in when not given."""
+    `details`: hyperparameters, data counts, artefacts; versions and date are filled in when not given.
+    `music`: generated ABC tunes rendered as sheet music and MIDI (creative runs), embedded in the page."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_png(before, after, history, benchmarks, validation)
     layout = RunLayout(out_dir)
@@ -116,9 +119,16 @@ def write_report(
         figures={k: _b64(v) for k, v in (figures or {}).items()},
         samples=[_view(s) for s in samples],
         missing=MISSING,
+        music=[_tune_view(t) for t in (music.tunes if music else [])],
+        music_note=music.note if music else "",
     )
     paths.html.write_text(page, encoding="utf-8")
     return paths
+
+
+def _tune_view(tune: RenderedTune) -> dict[str, str]:
+    """A rendered tune for the page: its SVG and MIDI inline (the page stays one self-contained file)."""
+    return {"abc": tune.abc, "svg": _b64(tune.svg.read_bytes()), "midi": _b64(tune.midi.read_bytes())}
 
 
 def metric_rows(

@@ -79,6 +79,14 @@ objective or several processes)</p>
 {% for name, data in figures.items() %}<h2>{{ name }}</h2>
 <img alt="{{ name }}" src="data:image/png;base64,{{ data }}">
 {% endfor %}
+{% if music or music_note %}<h2>Generated tunes</h2>
+{% if music_note %}<p class="missing">{{ music_note }}</p>
+{% endif %}{% for t in music %}<div class="tune"><h3>tune {{ loop.index }}</h3>
+<img alt="tune {{ loop.index }} as sheet music" src="data:image/svg+xml;base64,{{ t.svg }}">
+<p><a download="tune-{{ loop.index }}.mid" href="data:audio/midi;base64,{{ t.midi }}">tune-{{ loop.index }}.mid</a> \
+(MIDI: open it in any player)</p>
+<pre>{{ t.abc }}</pre></div>
+{% endfor %}{% endif %}
 <h2>Samples</h2>
 {% if samples %}{% for s in samples %}<div class="sample">
 <h3>sample {{ loop.index }}</h3>
