@@ -6,6 +6,7 @@ loss normalisation, the methods that can train a head, and the config errors."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tunelab.models import ModelSource, load_tokenizer
 from tunelab.tasks import TaskData, get_task
 from tunelab.tasks.classification_head import ClassificationHeadTask, Text
 from tunelab.tasks.heads import load_head_model, start_token
+from tunelab.tasks.ner import NerTask
 from tunelab.tasks.ner_head import NerHeadTask, Sentence, align_labels, bio_labels, encode_words
 from tunelab.train.loop import train
 
@@ -414,3 +416,26 @@ def test_head_run_resumes_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
         return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}  # phase times differ run to run
 
     assert scores(runs["stopped"].after) == pytest.approx(scores(runs["whole"].after), rel=1e-6)
+
+
+def test_entity_oversample_repeats_the_sentences_with_entities(tmp_path: Path) -> None:
+    """Both approaches read NER data through NerTask.split: with entity_oversample 2.5 each sentence with an entity
+    appears 2 or 3 times (half of them 3), the others once; validation is never resampled."""
+    data = ROOT / "data/ner"
+    files = [
+        f"data.train={_slice(data / 'train.jsonl', tmp_path / 'train.jsonl', 60)}",
+        f"data.validation={_slice(data / 'validation.jsonl', tmp_path / 'val.jsonl', 10)}",
+    ]
+    plain_train, plain_val = NerTask().split(load_spec(None, ["task.scenario=ner", *files]))
+    task = NerTask()
+    train, val = task.split(load_spec(None, ["task.scenario=ner", "task.entity_oversample=2.5", *files]))
+    rich = sum(any(t != "O" for t in i.reference[1]) for i in plain_train)
+    assert 0 < rich < len(plain_train) and len(val) == len(plain_val)
+    assert len(train) == len(plain_train) - rich + round(2.5 * rich)
+    copies = Counter(id(i) for i in train)
+    by_kind = Counter(
+        (any(t != "O" for t in i.reference[1]), copies[id(i)]) for i in {id(i): i for i in train}.values()
+    )
+    assert by_kind[(False, 1)] == len(plain_train) - rich
+    assert by_kind[(True, 2)] + by_kind[(True, 3)] == rich and abs(by_kind[(True, 3)] - rich / 2) <= 1
+    assert f"sentences with entities x2.5: {rich} -> {round(2.5 * rich)} rows" in task.sources
