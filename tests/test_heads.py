@@ -6,6 +6,7 @@ loss normalisation, the methods that can train a head, and the config errors."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tunelab.models import ModelSource, load_tokenizer
 from tunelab.tasks import TaskData, get_task
 from tunelab.tasks.classification_head import ClassificationHeadTask, Text
 from tunelab.tasks.heads import load_head_model, start_token
+from tunelab.tasks.ner import NerTask
 from tunelab.tasks.ner_head import NerHeadTask, Sentence, align_labels, bio_labels, encode_words
 from tunelab.train.loop import train
 
@@ -143,8 +145,10 @@ def _classify(model: torch.nn.Module, tokenizer: Any, text: str, labels: list[st
     return labels[int(_logits(model, {"input_ids": ids})[0].argmax())]
 
 
-def _tag(model: torch.nn.Module, tokenizer: Any, words: list[str], labels: list[str]) -> list[str]:
-    ids, word_ids = encode_words(words, tokenizer)
+def _tag(
+    model: torch.nn.Module, tokenizer: Any, words: list[str], labels: list[str], repeat: bool = False
+) -> list[str]:
+    ids, word_ids = encode_words(words, tokenizer, repeat=repeat)
     logits = _logits(model, {"input_ids": torch.tensor([ids])})[0]
     first = {w: i for i, w in reversed(list(enumerate(word_ids))) if w is not None}  # each word's first sub-token
     return [labels[int(logits[first[w]].argmax())] for w in range(len(words))]
@@ -268,8 +272,9 @@ def test_words_tokenize_as_the_plain_sentence(tiny_tokenizer_dir: Path) -> None:
         assert tokenizer.decode(pieces) == (word if index == 0 else f" {word}")
 
 
-def test_ner_rows_label_each_word_once(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    spec = _spec(tmp_path, tiny_llama_dir, "ner", "train.max_seq_len=512")
+@pytest.mark.parametrize("context", ["left", "repeat"])
+def test_ner_rows_label_each_word_once(context: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(tmp_path, tiny_llama_dir, "ner", "train.max_seq_len=512", f"task.context={context}")
     task, data, tokenizer = _prepared(spec)
     assert isinstance(task, NerHeadTask)
     sentences = [s for s in data.val_items if isinstance(s, Sentence)]
@@ -278,6 +283,58 @@ def test_ner_rows_label_each_word_once(tiny_llama_dir: Path, tmp_path: Path) -> 
         assert labelled == sentence.tags and row.labels[0] == IGNORE
     batch = collate(data.val_rows[:4], tokenizer.pad_token_id, packed=False)
     assert loss_items(batch["labels"]) == sum(len(s.tokens) for s in sentences[:4])  # the loop's count is exact
+
+
+def test_repeat_context_tags_the_second_copy(tiny_tokenizer_dir: Path) -> None:
+    """`task.context: repeat`: the row is the sentence twice; only the second copy's sub-tokens map to words, so
+    each word is tagged where the whole sentence has been read."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    words = ["Paris", "Hilton", "isn't", "in", "Paris"]
+    ids, word_ids = encode_words(words, tokenizer, repeat=True)
+    assert ids[1:] == tokenizer(" ".join(words + words), add_special_tokens=False)["input_ids"]
+    second = next(i for i, w in enumerate(word_ids) if w is not None)
+    assert set(word_ids[:second]) == {None} and None not in word_ids[second:]
+    assert tokenizer.decode(ids[1:second]) == " ".join(words)
+    for index, word in enumerate(words):
+        pieces = [ids[i] for i, w in enumerate(word_ids) if w == index]
+        assert tokenizer.decode(pieces) == f" {word}"  # the second copy's words all follow a space
+
+
+def test_o_weight_scales_the_o_tag_in_the_training_loss(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(tmp_path, tiny_llama_dir, "ner", "task.o_weight=0.25")
+    task, data, tokenizer = _prepared(spec)
+    model = task.load_model(ModelSource(str(tiny_llama_dir))).eval()
+    batch = collate(data.train_rows[:4], tokenizer.pad_token_id, packed=False)
+    n = loss_items(batch["labels"])
+    with torch.no_grad():
+        out = model(**batch, num_items_in_batch=n, use_cache=False)
+    labels = batch["labels"].flatten()
+    keep = labels != IGNORE
+    terms = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1)[keep], labels[keep], reduction="none")
+    weights = torch.where(labels[keep] == task.labels.index("O"), 0.25, 1.0)
+    assert 0 < int((labels[keep] != 0).sum()) < n  # both O and entity tags in the batch: the weight shows
+    assert float(out.loss) == pytest.approx(float((terms * weights).sum() / n), rel=1e-5)
+    assert float(out.loss) < float(terms.sum() / n) * 0.9
+
+
+def test_ner_head_with_repeat_context_and_balancing_scores_what_it_predicts(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A run with every NER setting on: its reported metrics are the adapter's tags read on the second copy,
+    recomputed here one sentence at a time."""
+    settings = ["task.context=repeat", "task.o_weight=0.5", "task.entity_oversample=2.5", "train.max_steps=6"]
+    settings.append("train.max_seq_len=512")  # no sentence cut: the recomputation below reads every word
+    spec = _spec(tmp_path, tiny_llama_dir, "ner", *settings)
+    task, data, tokenizer = _prepared(spec)
+    summary = recipe.run_job(spec, console=Console(quiet=True))
+    base = _base_classifier("ner", tiny_llama_dir, task.labels, tokenizer.pad_token_id)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "run/adapter")
+    sentences = [s for s in data.val_items if isinstance(s, Sentence)]
+    predicted = [_tag(adapter, tokenizer, s.tokens, task.labels, repeat=True) for s in sentences]
+    scores = {k: v for k, v in summary.after.items() if not k.endswith("_seconds")}
+    assert scores == pytest.approx(
+        {"loss": summary.after["loss"], **entity_metrics(predicted, [s.tags for s in sentences])}
+    )
 
 
 def test_classification_rows_carry_one_label(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -314,6 +371,29 @@ def test_head_is_refused_for_methods_that_cannot_train_it(method: str) -> None:
     assert "task.approach" in message and repr(method) in message and "lora" in message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        (
+            ["task.approach=generative", "task.o_weight=0.5"],
+            "task",
+            "o_weight apply to scenario ner with approach head",
+        ),
+        (["task.context=repeat", "task.approach=generative"], "task", "context apply to scenario ner with approach"),
+        (["task.scenario=classification", "task.entity_oversample=3"], "task", "entity_oversample applies to"),
+        (["task.o_weight=0"], "task.o_weight", "greater than 0"),
+        (["task.entity_oversample=0.5"], "task.entity_oversample", "greater than or equal to 1"),
+        (["task.context=both"], "task.context", "'left' or 'repeat'"),
+    ],
+)
+def test_ner_settings_are_checked(overrides: list[str], field: str, expected: str) -> None:
+    train = ROOT / "data/ner/train.jsonl"
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, ["task.scenario=ner", "task.approach=head", f"data.train={train}", *overrides])
+    (problem,) = exc.value.problems
+    assert problem.where == field and expected in problem.message
+
+
 def test_head_rows_are_padded_not_packed() -> None:
     train = ROOT / "data/ner/train.jsonl"
     head = ["task.scenario=ner", "task.approach=head", f"data.train={train}"]
@@ -336,3 +416,26 @@ def test_head_run_resumes_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
         return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}  # phase times differ run to run
 
     assert scores(runs["stopped"].after) == pytest.approx(scores(runs["whole"].after), rel=1e-6)
+
+
+def test_entity_oversample_repeats_the_sentences_with_entities(tmp_path: Path) -> None:
+    """Both approaches read NER data through NerTask.split: with entity_oversample 2.5 each sentence with an entity
+    appears 2 or 3 times (half of them 3), the others once; validation is never resampled."""
+    data = ROOT / "data/ner"
+    files = [
+        f"data.train={_slice(data / 'train.jsonl', tmp_path / 'train.jsonl', 60)}",
+        f"data.validation={_slice(data / 'validation.jsonl', tmp_path / 'val.jsonl', 10)}",
+    ]
+    plain_train, plain_val = NerTask().split(load_spec(None, ["task.scenario=ner", *files]))
+    task = NerTask()
+    train, val = task.split(load_spec(None, ["task.scenario=ner", "task.entity_oversample=2.5", *files]))
+    rich = sum(any(t != "O" for t in i.reference[1]) for i in plain_train)
+    assert 0 < rich < len(plain_train) and len(val) == len(plain_val)
+    assert len(train) == len(plain_train) - rich + round(2.5 * rich)
+    copies = Counter(id(i) for i in train)
+    by_kind = Counter(
+        (any(t != "O" for t in i.reference[1]), copies[id(i)]) for i in {id(i): i for i in train}.values()
+    )
+    assert by_kind[(False, 1)] == len(plain_train) - rich
+    assert by_kind[(True, 2)] + by_kind[(True, 3)] == rich and abs(by_kind[(True, 3)] - rich / 2) <= 1
+    assert f"sentences with entities x2.5: {rich} -> {round(2.5 * rich)} rows" in task.sources

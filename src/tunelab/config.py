@@ -126,6 +126,28 @@ class TaskSpec(_Spec):
         description="classification and ner: `generative` (the model writes the label or the entities as text) "
         "or `head` (a classification head on the base model: one label per text, or one BIO tag per word).",
     )
+    entity_oversample: float = Field(
+        1.0,
+        ge=1,
+        le=100,
+        allow_inf_nan=False,
+        description="ner (both approaches): each training sentence with an entity appears this many times "
+        "(a fraction gives a seeded share of them one more copy), so the few sentences with entities are not "
+        "drowned by those without.",
+    )
+    o_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="ner head: weight of the O tag in the training loss (below 1: entity tags count more).",
+    )
+    context: Literal["left", "repeat"] = Field(
+        "left",
+        description="ner head: `left` tags each word from the words before it (a causal model reads left to "
+        "right); `repeat` gives the sentence twice and tags the second copy, so every word is tagged having "
+        "seen the whole sentence (twice the tokens).",
+    )
 
     @field_validator("scenario")
     @classmethod
@@ -151,6 +173,19 @@ class TaskSpec(_Spec):
                 "remove task.approach (or set it to generative)"
             )
         return approach
+
+    @model_validator(mode="after")
+    def _ner_settings_apply(self) -> TaskSpec:
+        # A setting that would change nothing is refused, so a user never believes it took effect.
+        if self.entity_oversample != 1 and self.scenario != "ner":
+            raise ValueError(f"entity_oversample applies to scenario ner, not {self.scenario!r}; remove it")
+        head_only = [f for f in ("o_weight", "context") if getattr(self, f) != TaskSpec.model_fields[f].default]
+        if head_only and (self.scenario != "ner" or self.approach != "head"):
+            raise ValueError(
+                f"{' and '.join(head_only)} apply to scenario ner with approach head; set task.approach: head "
+                "(and task.scenario: ner) or remove them"
+            )
+        return self
 
 
 class DataSource(_Spec):

@@ -10,6 +10,7 @@ scored validation row (`eval.max_examples`); `eval.generations` does not apply.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,25 +29,40 @@ class Predictions:
     ids: list[list[int]]  # per row, the most likely class at each labelled position (one for a sequence label)
 
 
-def load_head_model(source: ModelSource, head: Head, labels: list[str], pad_id: int) -> PreTrainedModel:
-    """The classifier the loop trains: its loss is normalised like the language model's (see `_step_loss`)."""
+def load_head_model(
+    source: ModelSource, head: Head, labels: list[str], pad_id: int, class_weights: list[float] | None = None
+) -> PreTrainedModel:
+    """The classifier the loop trains: its loss is normalised like the language model's (see `_step_loss`), with
+    each class's items weighted by `class_weights` if given (one per label)."""
     model = load_classifier(source, head, labels, pad_id)
-    model.register_forward_hook(_step_loss, with_kwargs=True)
+    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+    model.register_forward_hook(functools.partial(_step_loss, weights=weights), with_kwargs=True)
     return model
 
 
-def _step_loss(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+def _step_loss(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+    weights: torch.Tensor | None = None,
+) -> Any:
     """The loop sums the loss over the labelled items of a micro-batch and divides by those of the whole optimizer
     step (`num_items_in_batch`), so that gradient accumulation and data parallelism give one big batch's gradient.
     transformers' classification heads ignore `num_items_in_batch` and average over the micro-batch, so the loss
     is recomputed here the way the causal LM computes it. Without the argument (evaluation), the head's own loss
-    stands."""
+    stands. Class weights scale each item's term (the count stays the items': a weight below 1 lowers that class's
+    share of the gradient, as it would with fewer such items)."""
     labels, n_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
     if labels is None or n_items is None:
         return output
     logits = output.logits  # (rows, classes) pooled, or (rows, tokens, classes)
     summed = torch.nn.functional.cross_entropy(
-        logits.flatten(0, -2).float(), labels.flatten().to(logits.device), ignore_index=IGNORE, reduction="sum"
+        logits.flatten(0, -2).float(),
+        labels.flatten().to(logits.device),
+        weight=None if weights is None else weights.to(logits.device),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     output.loss = summed / n_items
     return output

@@ -47,6 +47,7 @@ class NerHeadTask:
         self.reader = NerTask()
         self.labels: list[str] = []
         self.pad_id = 0
+        self.o_weight = 1.0  # task.o_weight, read by load_model for the training loss
 
     def check_data(self, spec: JobSpec) -> list[str]:
         return self.reader.check_data(spec)
@@ -66,6 +67,7 @@ class NerHeadTask:
         # validation gets one it never learns, and its entities count as missed).
         self.labels = bio_labels([i.reference[1] for i in train_items + val_items])
         self.pad_id = int(tokenizer.pad_token_id)
+        self.o_weight = spec.task.o_weight
         warnings: list[str] = []
         train_rows, _ = self._encode_split(train_items, tokenizer, spec, "train", warnings)
         val_rows, sentences = self._encode_split(val_items, tokenizer, spec, "validation", warnings)
@@ -82,20 +84,23 @@ class NerHeadTask:
     def _encode_split(
         self, items: list[Item], tokenizer: PreTrainedTokenizerBase, spec: JobSpec, split: str, warnings: list[str]
     ) -> tuple[list[Row], list[Sentence]]:
-        encoded = [self._encode(i, tokenizer, spec.train.max_seq_len) for i in items]
+        encoded = [self._encode(i, tokenizer, spec.train.max_seq_len, spec.task.context) for i in items]
         cut = sum(len(s.words) < len(s.tokens) for _, s in encoded)
         warnings += truncation_warning(split, cut, spec.train.max_seq_len)
         return [row for row, _ in encoded], [sentence for _, sentence in encoded]
 
-    def _encode(self, item: Item, tokenizer: PreTrainedTokenizerBase, max_len: int) -> tuple[Row, Sentence]:
+    def _encode(
+        self, item: Item, tokenizer: PreTrainedTokenizerBase, max_len: int, context: str
+    ) -> tuple[Row, Sentence]:
         tokens, tags = item.reference
-        ids, word_ids = encode_words(list(tokens), tokenizer)
+        ids, word_ids = encode_words(list(tokens), tokenizer, repeat=context == "repeat")
         labels = align_labels(word_ids, [self.labels.index(t) for t in tags])[:max_len]
         words = [w for w, label in zip(word_ids, labels, strict=False) if w is not None and label != IGNORE]
         return Row(ids[:max_len], labels, list(range(len(labels)))), Sentence(list(tokens), list(tags), words)
 
     def load_model(self, source: ModelSource, quantization: Any = None) -> torch.nn.Module:
-        return load_head_model(source, "token", self.labels, self.pad_id)
+        weights = [self.o_weight if label == "O" else 1.0 for label in self.labels]
+        return load_head_model(source, "token", self.labels, self.pad_id, None if self.o_weight == 1 else weights)
 
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
@@ -125,12 +130,19 @@ def bio_labels(tag_lists: list[list[str]]) -> list[str]:
     return ["O", *(f"{prefix}-{kind}" for kind in types for prefix in ("B", "I"))]
 
 
-def encode_words(words: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int | None]]:
+def encode_words(
+    words: list[str], tokenizer: PreTrainedTokenizerBase, repeat: bool = False
+) -> tuple[list[int], list[int | None]]:
     """Token ids of a row (the start token, then the words' sub-tokens) and each token's word index (None for
-    the start token)."""
-    spaced = [words[0], *(" " + w for w in words[1:])]
+    the start token). With `repeat` the sentence is given twice and only the second copy's tokens map to words:
+    in a causal model a token sees only what precedes it, so the second copy's tokens have seen the whole
+    sentence (the right context that tells "Paris Hilton" from "Paris") — the cost is twice the tokens."""
+    copies = words + words if repeat else words
+    spaced = [copies[0], *(" " + w for w in copies[1:])]
     encoding = tokenizer(spaced, is_split_into_words=True, add_special_tokens=False)
-    return [start_token(tokenizer), *encoding["input_ids"]], [None, *encoding.word_ids()]
+    first = len(copies) - len(words)  # the tagged copy's first word
+    word_ids = [None if w is None or w < first else w - first for w in encoding.word_ids()]
+    return [start_token(tokenizer), *encoding["input_ids"]], [None, *word_ids]
 
 
 def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
