@@ -7,6 +7,7 @@ Dropout is off so that both runs compute the same function; what remains is floa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from tiny import ROOT
 from tunelab.config import DistributedSpec, TrainSpec, load_spec
 from tunelab.errors import ConfigError
-from tunelab.train.distributed import check_batch, deepspeed_config, free_port
+from tunelab.train.distributed import check_batch, clear_stale_build_locks, deepspeed_config, free_port
 
 # Per-step losses agree to float summation order; measured differences are ~1e-6.
 LOSS_TOL = 1e-4
@@ -142,3 +143,17 @@ def test_nproc_without_a_strategy_says_how_to_fix(tiny_llama_dir: Path, tmp_path
     command = [sys.executable, "-m", "tunelab.cli", "train", str(_spec(tmp_path, tiny_llama_dir)), "--nproc", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "distributed.strategy=ddp" in result.stderr
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A build killed mid-way leaves its lock; torch then waits on it forever, silently (it hung a whole test run).
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "py311_cpu/deepspeed_shm_comm/lock", tmp_path / "py311_cpu/other_op/lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (0, 0))
+    assert clear_stale_build_locks("deepspeed_shm_comm") == [old]
+    assert not old.exists() and fresh.exists()
+    (fresh.parent.parent / "deepspeed_shm_comm/lock").touch()  # a build running now: its lock is kept
+    assert clear_stale_build_locks("deepspeed_shm_comm") == []

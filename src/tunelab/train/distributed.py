@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import cpp_extension
 
 from tunelab.config import DistributedSpec, TrainSpec
 from tunelab.errors import ConfigError, Problem
@@ -134,7 +137,22 @@ def prebuild_deepspeed_ops() -> None:
 
     builder = accelerator.get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible(verbose=False):
+        clear_stale_build_locks(builder.name)
         builder.load(verbose=False)
+
+
+STALE_LOCK_S = 30 * 60  # the op compiles in minutes; a lock this old was left by a build that was killed
+
+
+def clear_stale_build_locks(name: str, max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """torch waits forever on the lock file of a build that was interrupted (Ctrl-C, a killed job): remove the
+    locks of op `name` older than `max_age_s`, saying so, so the build is redone instead of hanging silently."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    stale = [lock for lock in root.glob(f"*/{name}/lock") if time.time() - lock.stat().st_mtime > max_age_s]
+    for lock in stale:
+        print(f"tunelab: removing a stale build lock left by an interrupted build: {lock}", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+    return stale
 
 
 def free_port() -> int:
