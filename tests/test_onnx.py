@@ -23,6 +23,7 @@ from tunelab.export.onnx import (
     MANIFEST,
     OnnxModel,
     SequenceLogits,
+    _BuilderProgress,
     export_onnx,
     generate_onnx,
     greedy_agreement,
@@ -77,6 +78,8 @@ def fp32_dir(tiny_llama_dir: Path, adapter: Path, tmp_path_factory: pytest.TempP
     result = CliRunner().invoke(app, ["export", "onnx", *args])  # the real `tunelab` command line
     assert result.exit_code == 0, result.output
     assert f"ONNX (fp32): {out}" in result.stdout
+    # Progress from the builder's layer lines: not a terminal here, so the plain end line.
+    assert "onnx fp32 export: 100/100 %" in result.stderr, result.stderr
     return out
 
 
@@ -221,3 +224,17 @@ def test_every_onnx_session_gets_the_physical_cores(fp32_dir: Path, monkeypatch:
     assert options == [physical_cores(), 1]
     assert SequenceLogits(fp32_dir).session.get_session_options().intra_op_num_threads == physical_cores()
     assert SequenceLogits(fp32_dir, threads=1).session.get_session_options().intra_op_num_threads == 1
+
+
+def test_export_progress_follows_the_builder_lines() -> None:
+    # The builder's output, as each quantiser prints it: every layer read, then per layer (RTN) or a percentage.
+    rtn = _BuilderProgress(layers=2, quantised=True)
+    lines = ["Loading weights: 100%", "Reading layer 0", "Reading layer 1", "Reading final norm"]
+    lines += [f"... complete quantization of /model/layers.{n}/mlp/down_proj/MatMul with 4 bits ..." for n in (0, 1)]
+    assert [rtn.step(line) for line in lines] == [0, 25, 25, 0, 25, 25]
+    k_quant = _BuilderProgress(layers=2, quantised=True)
+    lines = ["Reading layer 0", "Reading layer 1", "Progress: [#########           ] 45.45%2026-11-30 ...",
+             "Progress: [####################] 100.00%2026-11-30 ..."]
+    assert [k_quant.step(line) for line in lines] == [25, 25, 22, 28]
+    fp32 = _BuilderProgress(layers=3, quantised=False)
+    assert [fp32.step(f"Reading layer {n}") for n in range(3)] == [33, 33, 34]  # whole points, 100 in all

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -29,6 +31,7 @@ from tunelab.errors import TunelabError
 from tunelab.export.merge import save_merged
 from tunelab.inference import chat_prompt, load_for_inference
 from tunelab.models import load_tokenizer, resolve
+from tunelab.train.progress import phase
 
 Precision = Literal["fp32", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -81,10 +84,49 @@ def _run_builder(merged: Path, out: Path, precision: str, cache: Path) -> None:
         # plain round-to-nearest int4 (bench/onnx.py; docs/deploy.md).
         cmd.append("algo_config=k_quant_mixed")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the input is a local folder: never ask the hub
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0 or not (out / GENAI_CONFIG).is_file():
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-        raise TunelabError(f"onnxruntime-genai's model builder failed (exit {result.returncode}):\n{tail}")
+    layers = int(json.loads((merged / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+    reading = _BuilderProgress(layers, quantised=precision != "fp32")
+    with phase("export", 100, "%") as shown:
+        returncode, tail = _follow_builder(cmd, env, lambda line: shown.advance(reading.step(line)))
+    if returncode != 0 or not (out / GENAI_CONFIG).is_file():
+        raise TunelabError(f"onnxruntime-genai's model builder failed (exit {returncode}):\n" + "\n".join(tail))
+
+
+class _BuilderProgress:
+    """The builder's own lines as a percentage: reading the layers ("Reading layer 3"), then, for int4/int8,
+    quantising them (round-to-nearest names each layer's last MatMul; k-quant prints "Progress: [###] 45.45%")."""
+
+    _READ = re.compile(r"^Reading layer (\d+)")
+    _QUANT_LAYER = re.compile(r"complete quantization of /model/layers\.(\d+)/mlp/down_proj")
+    _QUANT_PERCENT = re.compile(r"^Progress: \[[# ]*\] ([\d.]+)%")
+
+    def __init__(self, layers: int, quantised: bool) -> None:
+        self.layers, self.read_share = layers, 50.0 if quantised else 100.0
+        self.done = 0.0
+
+    def step(self, line: str) -> int:
+        """Whole percentage points this line adds."""
+        if read := self._READ.search(line):
+            reached = self.read_share * (int(read.group(1)) + 1) / self.layers
+        elif quant := self._QUANT_LAYER.search(line):
+            reached = self.read_share + (100 - self.read_share) * (int(quant.group(1)) + 1) / self.layers
+        elif percent := self._QUANT_PERCENT.search(line):
+            reached = self.read_share + (100 - self.read_share) * float(percent.group(1)) / 100
+        else:
+            return 0
+        gained = int(reached) - int(self.done)
+        self.done = max(self.done, reached)
+        return max(gained, 0)
+
+
+def _follow_builder(cmd: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> tuple[int, list[str]]:
+    """Run the builder, passing each of its output lines on; its exit code and last lines (for an error)."""
+    tail: deque[str] = deque(maxlen=8)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as child:
+        for line in child.stdout or ():  # text mode splits tqdm's carriage returns into lines too
+            tail.append(line.rstrip())
+            on_line(line)
+    return child.returncode, [line for line in tail if line]
 
 
 def physical_cores() -> int:

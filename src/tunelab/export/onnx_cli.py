@@ -27,8 +27,10 @@ def export_onnx_cmd(
 ) -> None:
     """Export the (merged) model to ONNX for onnxruntime-genai: model, genai_config.json and tokenizer."""
     from tunelab.export.onnx import export_onnx
+    from tunelab.train.progress import reporting
 
-    folder = export_onnx(model, out_dir, precision=precision, adapter=adapter, overwrite=force)
+    with reporting(Console(stderr=True, soft_wrap=True), f"onnx {precision}"):  # progress on stderr
+        folder = export_onnx(model, out_dir, precision=precision, adapter=adapter, overwrite=force)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     out.print(f"ONNX ({precision}): {folder}  ({size / 2**20:.1f} MiB)")
     out.print(f"try it: tunelab generate 'hello' --onnx {folder}   or   tunelab serve --onnx {folder}")
