@@ -7,6 +7,8 @@ Rows are ordered by `seq` (an increasing integer), which makes cursor pagination
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -177,8 +179,9 @@ def _sqlite_engine(url: str, pool_size: int) -> Engine:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi: Any, record: Any) -> None:
         dbapi.isolation_level = None  # transactions are begun below, so writers can take the lock up front
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
+        for pragma in ("busy_timeout=30000", "synchronous=NORMAL", "foreign_keys=ON"):
             dbapi.execute(f"PRAGMA {pragma}")
+        _use_wal(dbapi)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
@@ -189,3 +192,19 @@ def _sqlite_engine(url: str, pool_size: int) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _use_wal(dbapi: Any, wait_s: float = 30.0) -> None:
+    """Switch a new database to write-ahead logging (the mode persists in the file, so later connections find it).
+    The switch needs the database to itself and SQLite reports "locked" at once, without its busy timeout, when
+    several processes open a new database together: retry for up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if dbapi.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                dbapi.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
