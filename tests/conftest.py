@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tiny import build_tiny_llama, build_tiny_phi3, build_tiny_tokenizer
+
+# `train.precision: auto` would pick bf16 on a machine where it is faster (AMX), and the tests that compare runs
+# (DDP vs one process, resume) have fp32 tolerances: pin auto's answer for the suite and its subprocesses.
+# tests/test_precision.py unsets it to test the measurement itself.
+os.environ.setdefault("TUNELAB_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")

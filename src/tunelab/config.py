@@ -256,7 +256,11 @@ class TrainSpec(_Spec):
         None, description="Pack short examples into full rows (default: on, except for prompt/prefix tuning)."
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower than fp32 on most CPUs).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16 autocast or fp32; auto: whichever a matmul of the model's size runs faster in on this "
+        "machine (measured once, cached).",
+    )
     log_every: int = Field(1, gt=0, le=MAX_STEPS, description="Log a metrics line every N steps.")
     eval_every: int | None = Field(
         None,

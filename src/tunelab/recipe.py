@@ -27,7 +27,7 @@ from tunelab.export.card import finish_run_artefacts
 from tunelab.export.merge import save_adapter, save_merged
 from tunelab.layout import RunLayout
 from tunelab.methods import apply_method, count_parameters, get_method
-from tunelab.models import ModelSource, load_model, load_tokenizer, resolve
+from tunelab.models import ModelSource, cache_dir, load_model, load_tokenizer, resolve
 from tunelab.report import confusion_png, write_report
 from tunelab.report.run import details, read_metrics, scored_samples
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
@@ -35,6 +35,8 @@ from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
 from tunelab.train.loop import TrainResult, train
 from tunelab.train.objectives import CausalLM
+from tunelab.train.precision import CACHE_FILE as PRECISION_CACHE
+from tunelab.train.precision import choose_precision
 from tunelab.train.progress import log_benchmarks, reporting, timed, timing_line
 
 
@@ -114,6 +116,10 @@ def run_job(
     )
     pissa_init = _save_pissa_init(model, spec, out) if world.is_main else None  # rank 0 alone writes adapters
 
+    precision = choose_precision(spec.train.precision, model, world, cache_dir() / PRECISION_CACHE)
+    console.print(f"precision: {precision.precision} ({precision.reason})")
+    # From here on the spec says what the run does (spec.yaml keeps what was asked, so a resume asks again).
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": precision.precision})})
     result = train(
         model,
         data.train_rows,

@@ -46,13 +46,16 @@ def make_backend(model: torch.nn.Module, train: TrainSpec, dist: DistributedSpec
 class LocalBackend:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, world: World):
         self.world = world
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no"
-        )
+        # bf16 is plain autocast (what accelerate's mixed_precision="bf16" does; bf16 needs no loss scaling). Not
+        # through accelerate: its state is per process and refuses a second precision, and a service worker or a
+        # test runs jobs of either precision in one process.
+        self.precision = precision
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
     def forward(self, batch: dict[str, Any], num_items: float) -> Any:
-        with self.accelerator.autocast():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             # use_cache=False: with a cache, transformers ignores the restarting position_ids of packed rows,
             # and packed examples would attend to each other.
             return self.model(**batch, num_items_in_batch=num_items, use_cache=False)

@@ -22,10 +22,13 @@ from transformers import get_scheduler
 from tunelab.config import CheckpointSpec, DistributedSpec, TrainSpec
 from tunelab.data.packing import Row, collate
 from tunelab.layout import RunLayout
+from tunelab.models import cache_dir
 from tunelab.train.backends import Backend, make_backend
 from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import SINGLE, World, current_world
 from tunelab.train.objectives import CausalLM, Objective
+from tunelab.train.precision import CACHE_FILE as PRECISION_CACHE
+from tunelab.train.precision import choose_precision
 from tunelab.train.progress import ProgressReporter, rewrite_metrics
 
 
@@ -96,6 +99,9 @@ def train(
     if not rows:
         raise ValueError("no training rows")  # callers check the data first; this guards the loop's arithmetic
     world = current_world()
+    if train_spec.precision == "auto":  # `run_job` resolves it first, to report it; other callers get it here
+        choice = choose_precision("auto", model, world, cache_dir() / PRECISION_CACHE)
+        train_spec = train_spec.model_copy(update={"precision": choice.precision})
     objective = objective or CausalLM()
     backend = make_backend(model, train_spec, dist_spec or DistributedSpec(), world)
     plan = make_plan(len(rows), train_spec, world.size)
@@ -145,6 +151,7 @@ def train(
                 "tokens": state.tokens,
                 "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9),
                 "elapsed_s": state.elapsed_s,
+                "precision": train_spec.precision,  # what `auto` chose, for readers of the log
                 **stats,
             }
             state.history.append(row)
