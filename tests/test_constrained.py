@@ -94,3 +94,19 @@ def test_an_untrained_model_always_answers_a_label_when_constrained(
         # Without free answers, the report's samples show the constrained predictions: labels.
         assert isinstance(task, ClassificationTask) and evaluation.samples
         assert all(s.output in task.labels for s in evaluation.samples)
+
+
+def test_the_shared_prompt_path_equals_whole_sequences(tiny_llama_dir: Path) -> None:
+    """Prompt-learning models take the whole-sequence path: both must give the same scores."""
+    from tunelab.data.render import tokenize
+    from tunelab.evaluate import _whole_sequence_logps, choice_logps
+    from tunelab.tasks.classification import _answered
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    items = [Item(instructed(i, "Say pos or neg.", text, "pos"), "pos") for i, text in enumerate(TEXTS)]
+    choices = [[tokenize(_answered(i.example, label), tokenizer) for label in LABELS] for i in items]
+    shared = choice_logps(model, choices, tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole = _whole_sequence_logps(model, choices, tokenizer.pad_token_id, batch_size=3)
+    assert torch.allclose(torch.tensor(shared), torch.tensor(whole), atol=1e-3), (shared, whole)

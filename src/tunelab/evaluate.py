@@ -112,9 +112,64 @@ def choice_logps(
     """For each example, the summed log-probability of each candidate answer: its trained tokens (the answer and
     its end-of-turn token, as training's loss mask covers them) after that example's prompt.
 
-    Every (prompt, answer) pair is one sequence; sequences of similar length are batched together (little
-    padding), each with its own restarting positions so the batch needs no attention mask."""
+    The candidates of an example share its prompt: the prompt runs once and the candidates continue from its
+    cached keys and values, so an example costs about one forward pass however many labels there are."""
     model.eval()
+    if _prompt_learning(model):  # virtual tokens: PEFT manages the cache itself, so each pair runs whole
+        return _whole_sequence_logps(model, choices, pad_id, batch_size)
+    scores: list[list[float]] = []
+    with phase("scoring", len(choices), "examples") as shown:
+        for group in choices:
+            scores.append(_shared_prompt_logps(model, group, pad_id))
+            shown.advance(1)
+    return scores
+
+
+def _shared_prompt_logps(model: torch.nn.Module, group: list[Tokenized], pad_id: int) -> list[float]:
+    ids = [t.input_ids for t in group]
+    shared = _unscored_prefix(group)
+    prompt = model(input_ids=torch.tensor([ids[0][:shared]]), use_cache=True, logits_to_keep=1)
+    first = prompt.logits[0, -1].float().log_softmax(-1)  # predicts every candidate's first own token
+    cache = prompt.past_key_values
+    tails = [seq[shared:] for seq in ids]
+    width = max(len(t) for t in tails)
+    cache.batch_repeat_interleave(len(group))
+    # Right-padded tails: a causal model's real positions never see the padding after them.
+    padded = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
+    mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
+    positions = torch.arange(shared, shared + width).expand(len(group), -1)
+    logits = model(input_ids=padded, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+    logps = logits.float().log_softmax(-1)
+    scores = []
+    for k, tok in enumerate(group):
+        total = 0.0
+        for p in range(shared, len(tok.input_ids)):
+            if tok.labels[p] != IGNORE:  # token p is predicted at p - 1: the prompt's last position, or the tail's
+                row = first if p == shared else logps[k, p - shared - 1]
+                total += float(row[tok.input_ids[p]])
+        scores.append(total)
+    return scores
+
+
+def _unscored_prefix(group: list[Tokenized]) -> int:
+    """Length of the prompt the candidates share and that no candidate scores (at least one token)."""
+    first_scored = min(next(i for i, label in enumerate(t.labels) if label != IGNORE) for t in group)
+    shared = 0
+    while shared < first_scored and len({t.input_ids[shared] for t in group}) == 1:
+        shared += 1
+    return max(shared, 1)
+
+
+def _prompt_learning(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _whole_sequence_logps(
+    model: torch.nn.Module, choices: list[list[Tokenized]], pad_id: int, batch_size: int
+) -> list[list[float]]:
+    """Every (prompt, answer) pair as one sequence; sequences of similar length are batched together (little
+    padding), each with its own restarting positions so the batch needs no attention mask."""
     flat = [t for group in choices for t in group]
     rows = [_sequence_row(t, i) for i, t in enumerate(flat)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
