@@ -1,5 +1,5 @@
 // The tunelab service dashboard: a hash-routed page over the /v1 API. Everything shown comes from the API with the
-// project's key; text is always set as textContent (never innerHTML), so names and replies cannot become markup.
+// project's key; text is always set as textContent (never as HTML), so names and replies cannot become markup.
 "use strict";
 
 const KEY = "tunelab.key"; // sessionStorage: gone when the tab closes, never in a URL
@@ -237,7 +237,10 @@ async function jobView(id) {
         log.prepend(h("li", { class: `event ${e.level}` }, h("time", { text: when(e.created_at) }), " ", h("span", { text: e.message })));
       }
       if (fresh.length) {
-        plot.setData(curveData(events));
+        const data = curveData(events);
+        plot.setData(data);
+        // How many points each curve has: what a reader (or a test) can check without reading the canvas.
+        chartBox.dataset.points = `${data[1].filter((x) => x != null).length}/${data[2].filter((x) => x != null).length}`;
         const after = events.filter((e) => e.type === "metrics" && e.data && e.data.step == null);
         if (after.length) metrics.replaceChildren(h("h3", { text: "Validation after training" }), keyValues(after[after.length - 1].data));
       }
