@@ -501,6 +501,8 @@ function pane(index, models, chosen) {
 async function playgroundView(params) {
   const models = (await api("/models")).data;
   const chosen = params.get("model");
+  // A checkpoint is a model for chat, but /v1/models lists only the final ones: the one asked for is added.
+  if (chosen && !models.some((m) => m.id === chosen)) models.unshift({ id: chosen });
   const base = models.find((m) => !m.id.startsWith("ft:")) || models[0];
   const first = pane(1, models, chosen || (base && base.id));
   const second = pane(2, models, base && base.id);
