@@ -183,7 +183,7 @@ def test_a_job_runs_to_completion_with_its_curves_events_and_checkpoints(page: A
     job_id = page.url.split("#/job/")[1]
     page.wait_for_selector("#job-head .badge.succeeded", timeout=120_000)
     # Training points every step, validation points every 4 (eval_every), as the API's events carry them.
-    page.wait_for_function("document.querySelector('#loss-chart').dataset.points === '8/2'")
+    page.wait_for_function("() => document.querySelector('#loss-chart').dataset.points === '8/2'")
     assert _blue_pixels(page) > 200, "the training-loss curve is not drawn"
     log = page.inner_text("#events")
     assert "The job has successfully completed" in log and "validation loss=" in log
@@ -242,7 +242,8 @@ def test_files_list_escapes_names_and_deletes_after_confirmation(page: Any, site
     _no_injection(page)
     before = page.locator("#files tr[data-file]").count()
     page.click("#files tr[data-file] button.danger >> nth=-1")
-    page.wait_for_function(f"document.querySelectorAll('#files tr[data-file]').length === {before - 1}")
+    # Functions, not expressions: the page's policy forbids eval, which Playwright uses for a string expression.
+    page.wait_for_function("n => document.querySelectorAll('#files tr[data-file]').length === n", arg=before - 1)
     assert page.dialogs and page.dialogs[0].startswith("Delete ")
 
 
@@ -251,6 +252,7 @@ def test_playground_streams_an_answer_from_two_models(page: Any, site: Site) -> 
     bodies: list[dict[str, Any]] = []
     page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
     page.goto(site.root + "/#/playground")
+    page.wait_for_selector("#model-1")
     models = page.eval_on_selector_all("#model-1 option", "os => os.map(o => o.value)")
     fine_tuned = next(m for m in models if m.startswith("ft:") and ":ckpt-" not in m)
     page.select_option("#model-1", fine_tuned)
@@ -259,7 +261,7 @@ def test_playground_streams_an_answer_from_two_models(page: Any, site: Site) -> 
     page.fill("#max_tokens", "12")
     page.fill("#prompt", f"Hello {HOSTILE}")
     page.click("#send")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant.done').length === 2", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant.done').length === 2", timeout=60_000)
     replies = page.eval_on_selector_all(".msg.assistant", "ms => ms.map(m => [m.textContent, m.className])")
     assert all(text and "error" not in cls for text, cls in replies), replies
     assert sorted(b["model"] for b in bodies) == sorted([fine_tuned, "tiny"])
