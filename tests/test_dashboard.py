@@ -148,7 +148,7 @@ def test_sign_in_and_out(page: Any, site: Site) -> None:
     _sign_in(page, site)
     page.wait_for_selector("#jobs")
     assert page.evaluate("sessionStorage.getItem('tunelab.key')") == site.keys["dash"]
-    assert not any(site.keys["dash"] in url for url in urls + [page.url])
+    assert not any(site.keys["dash"] in url for url in [*urls, page.url])
     page.click("#signout")
     page.wait_for_selector("#signin:not([hidden])")
     assert page.evaluate("sessionStorage.getItem('tunelab.key')") is None
@@ -191,9 +191,12 @@ def test_a_job_runs_to_completion_with_its_curves_events_and_checkpoints(page: A
     assert sorted(int(s) for s in steps) == [4, 6, 8]  # every 2 steps; the service keeps the last 3 by default
     assert "step_metrics.csv" in page.inner_text("#results")
     assert '"max_steps": 8' in page.inner_text("#spec")
+    assert "n_epochs" in page.inner_text("#spec dl.kv")
+    report = page.frame_locator("iframe.report").locator("body")  # the report file, embedded (sandboxed)
+    assert "lora" in report.inner_text()
     assert page.locator("#job-controls button").count() == 0  # a finished job has nothing to cancel or pause
     _no_injection(page)
-    page.screenshot(path=str(site.shots / "dashboard-job.png"), full_page=True)
+    page.screenshot(path=str(site.shots / "dashboard-job.png"))  # the first screen: curves, checkpoints, events
     page.click("#checkpoints tr[data-checkpoint] a >> nth=0")
     page.wait_for_selector("#model-1")
     chosen = page.eval_on_selector("#model-1", "s => s.value")
@@ -250,7 +253,9 @@ def test_files_list_escapes_names_and_deletes_after_confirmation(page: Any, site
 def test_playground_streams_an_answer_from_two_models(page: Any, site: Site) -> None:
     _sign_in(page, site)
     bodies: list[dict[str, Any]] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.on(
+        "request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None
+    )
     page.goto(site.root + "/#/playground")
     page.wait_for_selector("#model-1")
     models = page.eval_on_selector_all("#model-1 option", "os => os.map(o => o.value)")
