@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -216,11 +217,34 @@ def _blue_pixels(page: Any) -> int:
     )
 
 
+def test_pause_resume_and_cancel_buttons_control_a_running_job(page: Any, site: Site) -> None:
+    headers = {"Authorization": f"Bearer {site.keys['dash']}"}
+    with site.train.open("rb") as f:
+        uploaded = httpx.post(
+            f"{site.service.url}/files", headers=headers, files={"file": f}, data={"purpose": "fine-tune"}
+        )
+    spec = {"train": {"max_steps": 5000, "max_seq_len": 64, "batch_size": 2}, "eval": {"enabled": False}}
+    body = {"model": "tiny", "training_file": uploaded.json()["id"], "tunelab": {"spec": spec}}
+    job = httpx.post(f"{site.service.url}/fine_tuning/jobs", headers=headers, json=body).json()
+    _sign_in(page, site)
+    page.goto(f"{site.root}/#/job/{job['id']}")
+    page.wait_for_selector("#job-head .badge.running", timeout=60_000)
+    page.click("#job-pause")
+    page.wait_for_selector("#job-head .badge.paused", timeout=60_000)
+    assert page.locator("#job-controls button").all_inner_texts() == ["Resume", "Cancel"]
+    page.click("#job-resume")
+    page.wait_for_selector("#job-head .badge:is(.queued, .running)")
+    page.click("#job-cancel")
+    page.wait_for_selector("#job-head .badge.cancelled", timeout=60_000)
+    assert "Job cancelled" in page.inner_text("#events")
+    assert page.locator("#job-controls button").count() == 0
+
+
 def test_jobs_filter_and_another_project_sees_nothing(page: Any, site: Site) -> None:
     _sign_in(page, site)
     page.goto(site.root + "/#/jobs")
-    rows = page.wait_for_selector("#jobs tr[data-job]")
-    assert rows.query_selector(".badge").inner_text() == "succeeded"
+    page.wait_for_selector("#jobs tr[data-job]")
+    assert sorted(page.locator("#jobs .badge").all_inner_texts()) == ["cancelled", "succeeded"]
     page.select_option("#status-filter", "failed")
     page.wait_for_selector("#jobs >> text=No failed jobs.")
     page.select_option("#status-filter", "succeeded")

@@ -225,8 +225,10 @@ async function jobView(id) {
   let reportShown = false;
   let finished = false;
 
+  let busy = false; // a slow poll must not overlap the next one: both would add the same new events
   const refresh = async () => {
-    if (finished) return;
+    if (finished || busy) return;
+    busy = true;
     try {
       const job = await api(`/fine_tuning/jobs/${encodeURIComponent(id)}`);
       renderHead(job, head, controls, refresh);
@@ -259,6 +261,8 @@ async function jobView(id) {
       finished = !ACTIVE.includes(job.status);
     } catch (error) {
       showError(head, error);
+    } finally {
+      busy = false;
     }
   };
   await refresh();
