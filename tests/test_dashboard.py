@@ -72,6 +72,23 @@ def test_the_page_sends_the_key_as_a_header_never_in_a_url(client: TestClient) -
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script  # text from the API stays text
 
 
+def test_a_retrieved_file_lists_its_problems_by_line_and_the_list_leaves_them_out(
+    client: TestClient, tmp_path: Path
+) -> None:
+    store: Store = client.app.state.ctx.store  # type: ignore[attr-defined]
+    headers = {"Authorization": f"Bearer {store.keys.create('http')[1]}"}
+    lines = chat_file(tmp_path / "t.jsonl", n=3).read_text().splitlines()
+    content = "\n".join([lines[0], "{not json", lines[1], '{"messages": []}']) + "\n"
+    files = {"file": ("bad.jsonl", content.encode(), "application/jsonl")}
+    created = client.post("/v1/files", headers=headers, files=files, data={"purpose": "fine-tune"}).json()
+    got = client.get(f"/v1/files/{created['id']}", headers=headers).json()
+    assert got["status"] == "error"
+    problems = got["tunelab"]["problems"]
+    assert [(p["line"], p["code"]) for p in problems][:1] == [(2, "invalid_json")] and len(problems) == 2
+    assert all(p["message"] for p in problems) and problems[1]["line"] == 4
+    assert client.get("/v1/files", headers=headers).json()["data"][0]["tunelab"] is None
+
+
 # -- (b) a real browser -----------------------------------------------------------------------------------------
 
 
