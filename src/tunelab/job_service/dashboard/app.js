@@ -247,9 +247,10 @@ async function jobView(id) {
         if (after.length) metrics.replaceChildren(h("h3", { text: "Validation after training" }), keyValues(after[after.length - 1].data));
       }
       const ckpts = await listAll(`/fine_tuning/jobs/${encodeURIComponent(id)}/checkpoints`, 100);
-      checkpoints.replaceChildren(table(["Step", "Training loss", "Validation loss", "Model", ""], ckpts.map((c) =>
+      const valid = ckpts.some((c) => c.metrics.valid_loss != null); // a column only when the API gives one
+      checkpoints.replaceChildren(table(["Step", "Training loss", valid ? "Validation loss" : null, "Model", ""].filter((x) => x !== null), ckpts.map((c) =>
         h("tr", { "data-checkpoint": c.id }, h("td", { class: "num", text: c.step_number }),
-          h("td", { class: "num", text: fmt(c.metrics.train_loss) }), h("td", { class: "num", text: fmt(c.metrics.valid_loss) }),
+          h("td", { class: "num", text: fmt(c.metrics.train_loss) }), valid ? h("td", { class: "num", text: fmt(c.metrics.valid_loss) }) : null,
           h("td", { text: c.fine_tuned_model_checkpoint }),
           h("td", {}, h("a", { class: "button small", href: `#/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}`, text: "Chat with this checkpoint" })))),
       "No checkpoints yet."));
