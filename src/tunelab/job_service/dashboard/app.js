@@ -137,7 +137,7 @@ async function jobsView(params) {
       const jobs = (await listAll("/fine_tuning/jobs", 100)).filter((j) => !status || j.status === status);
       body.replaceChildren(table(["Job", "Status", "Base model", "Method", "Scenario", "Created", "Duration", "Trained tokens"],
         jobs.map((j) => h("tr", { "data-job": j.id },
-          h("td", {}, h("a", { href: `#/job/${encodeURIComponent(j.id)}`, text: j.id }), j.user_provided_suffix ? ` ${j.user_provided_suffix}` : ""),
+          h("td", {}, h("a", { href: `#/job/${encodeURIComponent(j.id)}`, text: j.id })),
           h("td", {}, badge(j.status)), h("td", { text: j.model }), h("td", { text: j.tunelab.method }),
           h("td", { text: j.tunelab.scenario }), h("td", { text: when(j.created_at) }), h("td", { text: duration(j) }),
           h("td", { class: "num", text: j.trained_tokens == null ? "" : j.trained_tokens.toLocaleString() }))),
