@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunelab.job_service.monitor import MetricsTail
+from tunelab.job_service.monitor import MetricsTail, validation_event
 
 
 def _rows(steps: range, elapsed: float) -> str:
@@ -32,3 +32,20 @@ def test_tail_waits_for_a_line_being_written_and_starts_after_the_reported_step(
         f.write(', "elapsed_s": 0.4}\n')
     assert [r["step"] for r in tail.read()] == [4]
     assert MetricsTail(tmp_path / "missing.jsonl", 0).read() == []
+
+
+def test_validation_points_are_reported_once_each_as_valid_loss_events(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    point = {"eval": "validation", "step": 2, "loss": 2.5, "token_accuracy": 0.4}
+    log.write_text(_rows(range(1, 3), 0.1))
+    tail = MetricsTail(log, last_step=0)
+    assert [r["step"] for r in tail.read()] == [1, 2]
+    with log.open("a") as f:  # the point comes after its step's row, in a later read
+        f.write(json.dumps(point) + "\n" + _rows(range(3, 4), 0.1))
+    rows = tail.read()
+    assert [(r["step"], r.get("eval")) for r in rows] == [(2, "validation"), (3, None)]
+    assert tail.read() == []
+    event = validation_event(rows[0], total=3)
+    assert event.type == "metrics"
+    assert event.data == {"step": 2, "total_steps": 3, "valid_loss": 2.5, "valid_token_accuracy": 0.4}
+    assert event.message == "Step 2/3: validation loss=2.5000"

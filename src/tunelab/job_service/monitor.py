@@ -20,7 +20,7 @@ from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Event, Progress, Store
 from tunelab.layout import CheckpointLayout, RunLayout, checkpoint_folders, checkpoint_step
 from tunelab.train.loop import make_plan
-from tunelab.train.progress import is_step_row
+from tunelab.train.progress import EVAL_KEY, VALIDATION, is_step_row
 
 logger = logging.getLogger("tunelab.job_service.monitor")
 _ROWS = re.compile(r" in (\d+) rows ")
@@ -70,6 +70,7 @@ class MetricsTail:
 
     def __init__(self, path: Path, last_step: int) -> None:
         self.path, self.last_step = path, last_step
+        self.last_validation = last_step  # validation points are counted apart: one follows its step's row
         self._offset = 0
         self._last_line = b""  # the line that ends at _offset: still there unless the file was rewritten
 
@@ -84,12 +85,16 @@ class MetricsTail:
         if lines:
             self._offset += len(complete)
             self._last_line = lines[-1]
-        rows = [row for line in lines if line.strip() and is_step_row(row := json.loads(line))]
+        rows = [json.loads(line) for line in lines if line.strip()]
         # Exact resume repeats the steps after the checkpoint with the same values: each step is reported once.
-        new = [r for r in rows if int(r["step"]) > self.last_step]
+        new = [r for r in rows if is_step_row(r) and int(r["step"]) > self.last_step]
+        points = [r for r in rows if r.get(EVAL_KEY) == VALIDATION and int(r["step"]) > self.last_validation]
         if new:
             self.last_step = int(new[-1]["step"])
-        return new
+        if points:
+            self.last_validation = int(points[-1]["step"])
+        # The validation points (the dashboard's second curve) follow the steps they were measured after.
+        return sorted(new + points, key=lambda r: (int(r["step"]), not is_step_row(r)))
 
     def _unread(self, f: Any) -> bytes:
         """The bytes after the last line read, or the whole file when that line is no longer where it was (a
@@ -176,15 +181,18 @@ class Monitor:
         # A metrics row may carry the total itself (see the note on train/loop.py); else the console line gives it.
         total = int(rows[-1].get("total_steps") or 0) or self.log.total_steps if rows else self.log.total_steps
         progress = Progress(total_steps=total)
+        steps = [row for row in rows if is_step_row(row)]
         for row in rows:
-            step = int(row["step"])
-            self.history[step] = row
+            if not is_step_row(row):
+                progress.events.append(validation_event(row, total))
+                continue
+            self.history[int(row["step"])] = row
             progress.events.append(metrics_event(row, total))
-        if rows:
-            self.last_row = rows[-1]
+        if steps:
+            self.last_row = steps[-1]
             progress.last_step = self.metrics.last_step
-            progress.trained_tokens = int(rows[-1]["tokens"])
-            progress.estimated_finish = _eta(rows[-1], total)
+            progress.trained_tokens = int(steps[-1]["tokens"])
+            progress.estimated_finish = _eta(steps[-1], total)
         return progress
 
     def _new_checkpoints(self) -> list[tuple[int, Path]]:
@@ -228,6 +236,15 @@ def metrics_event(row: dict[str, Any], total: int | None) -> Event:
     # What the objective adds to each step (DPO: reward accuracy and margin, chosen/rejected log-probabilities).
     data |= {k: v for k, v in row.items() if k not in LOOP_KEYS}
     return Event(f"Step {step}{of}: training loss={row['loss']:.4f}", type="metrics", data=data)
+
+
+def validation_event(row: dict[str, Any], total: int | None) -> Event:
+    """A validation-loss point measured during training (`train.eval_every`), as OpenAI's `valid_loss`."""
+    step = int(row["step"])
+    of = f"/{total}" if total else ""
+    data = {"step": step, "total_steps": total, "valid_loss": row["loss"]}
+    data |= {f"valid_{k}": v for k, v in row.items() if k not in ("step", "loss", EVAL_KEY)}
+    return Event(f"Step {step}{of}: validation loss={row['loss']:.4f}", type="metrics", data=data)
 
 
 LOOP_KEYS = frozenset({"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"})

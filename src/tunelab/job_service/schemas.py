@@ -98,6 +98,9 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"]
     status_details: str | None = None
     expires_at: int | None = None
+    tunelab: dict[str, Any] | None = Field(
+        None, description="tunelab's extension (retrieve only): n_examples and problems [{line, code, message, hint}]."
+    )
 
 
 class FileDeleted(BaseModel):

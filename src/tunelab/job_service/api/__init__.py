@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tunelab.job_service.api import chat, files, jobs, models
+from tunelab.job_service.api import chat, dashboard, files, jobs, models
 from tunelab.job_service.api.deps import ServiceContext
 from tunelab.job_service.api.guard import check_request
 from tunelab.job_service.errors import ApiError
@@ -45,6 +45,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     app.state.ctx = ctx
     for module in (files, jobs, models, chat):
         app.include_router(module.router)
+    dashboard.mount(app)  # the web page at / (its assets under /dashboard): same process and port as /v1
     install_error_handlers(app)  # the serving engine's: one error shape for every route of both servers
     app.add_middleware(CatchAll)  # first added, innermost: an unexpected error is a 500 that keeps the connection
     app.add_middleware(UploadLimit, limit=settings.max_file_bytes + UPLOAD_OVERHEAD)

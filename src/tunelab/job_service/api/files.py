@@ -44,7 +44,7 @@ def list_files(
 
 @router.get("/{file_id}")
 def retrieve_file(ctx: ContextDep, project: ProjectDep, file_id: str) -> FileObject:
-    return file_view(service.get_file(ctx.store, project.id, file_id))
+    return file_view(service.get_file(ctx.store, project.id, file_id), detail=True)
 
 
 @router.get("/{file_id}/content")

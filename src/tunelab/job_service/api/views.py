@@ -35,7 +35,12 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def file_view(row: FileRow) -> FileObject:
+MAX_PROBLEMS_SHOWN = 100  # a file with thousands of bad lines: the first ones tell the user what to fix
+
+
+def file_view(row: FileRow, detail: bool = False) -> FileObject:
+    """`detail`: with the validation's problems, one by one (line and code), as the dashboard lists them."""
+    problems = (row.problems or [])[:MAX_PROBLEMS_SHOWN]
     return FileObject(
         id=row.id,
         bytes=row.bytes,
@@ -44,6 +49,7 @@ def file_view(row: FileRow) -> FileObject:
         purpose=row.purpose,
         status=row.status,
         status_details=row.status_details,
+        tunelab={"n_examples": row.n_examples, "problems": problems} if detail else None,
     )
 
 
