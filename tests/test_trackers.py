@@ -91,6 +91,10 @@ def test_tensorboard_and_mlflow_hold_the_run_s_curves_across_a_resume(
     history = client.get_metric_history(mlflow_run.info.run_id, "train/loss")
     latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}  # MLflow's history appends
     assert latest == {s: pytest.approx(v) for s, v in steps}
+    # MLflow cannot delete points: the crashed run's step 3 stays beside the resumed run's, with the same value
+    # (resume is exact), as the README says.
+    assert sorted(m.step for m in history) == [1, 2, 3, 3, 4]
+    assert len({m.value for m in history if m.step == 3}) == 1
     val_history = client.get_metric_history(mlflow_run.info.run_id, "validation/loss")
     assert sorted((m.step, m.value) for m in val_history) == [(s, pytest.approx(v)) for s, v in validation]
     params = mlflow_run.data.params

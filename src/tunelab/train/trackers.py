@@ -17,6 +17,7 @@ otherwise). Only the main process of a launch opens them (the caller decides; se
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.config import TRACKERS, JobSpec
 from tunelab.extras import require
 from tunelab.layout import RunLayout
+from tunelab.logs import is_verbose
 
 if TYPE_CHECKING:
     from accelerate.tracking import GeneralTracker
@@ -139,6 +141,8 @@ def _mlflow_store(layout: RunLayout, wanted: bool) -> Iterator[None]:
         return
     import mlflow
 
+    if not is_verbose():  # its store's "Creating initial MLflow database tables..." is not news to a user
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     layout.root.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(f"sqlite:///{layout.mlflow_db.resolve()}")
     try:
