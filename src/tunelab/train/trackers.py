@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from tunelab.config import TRACKERS, JobSpec
 from tunelab.extras import require
 from tunelab.layout import RunLayout
@@ -111,7 +113,11 @@ def _build(name: str, layout: RunLayout, run_id: str | None, resume_step: int | 
     from accelerate import PartialState
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
-    PartialState()  # accelerate's trackers log through its logger, which needs its state to exist
+    # accelerate's trackers log through its logger, which needs its state to exist. The state is a process-wide
+    # singleton that the first construction configures: built here with the LocalBackend's own `cpu` argument, or
+    # rank 0 of a DDP launch would later get an Accelerator that does not wrap the model in DDP (and rank 1 would
+    # wait for its gradients forever).
+    PartialState(cpu=not torch.cuda.is_available())
     run_name = layout.root.resolve().name
     if name == "tensorboard":
         # purge_step: TensorBoard's readers drop the points of earlier files at and after it, i.e. those logged
