@@ -101,6 +101,22 @@ def test_tensorboard_and_mlflow_hold_the_run_s_curves_across_a_resume(
     assert params["train.lr"] == "0.005" and params["method.name"] == "lora" and params["train.max_steps"] == "4"
 
 
+def test_a_new_run_in_an_old_run_s_folder_hides_the_old_curve(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    job = JobSpec.model_validate(
+        {"data": {"train": "x.jsonl"}, "train": {"report_to": ["tensorboard"]}, "output_dir": str(tmp_path / "run")}
+    )
+    for losses in ([3.0, 2.0, 1.0], [5.0, 4.0]):  # the second run starts over (no resume), as its metrics.jsonl does
+        with open_trackers(job, None, main=True) as trackers:
+            assert trackers is not None
+            for step, loss in enumerate(losses, 1):
+                trackers.log_step({"step": step, "loss": loss})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "run"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 5.0), (2, 4.0)]
+
+
 def test_an_unknown_tracker_names_the_field_and_the_choices(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"data: {{train: {ROOT / 'data/chat/train.jsonl'}}}\n", encoding="utf-8")

@@ -120,10 +120,11 @@ def _build(name: str, layout: RunLayout, run_id: str | None, resume_step: int | 
     PartialState(cpu=not torch.cuda.is_available())
     run_name = layout.root.resolve().name
     if name == "tensorboard":
-        # purge_step: TensorBoard's readers drop the points of earlier files at and after it, i.e. those logged
-        # after the checkpoint by a run that then crashed; the resumed run logs them anew.
-        purge = {} if resume_step is None else {"purge_step": resume_step + 1}
-        return TensorBoardTracker(run_name, str(layout.tensorboard), **purge)
+        # purge_step: TensorBoard's readers drop the points of earlier files at and after it: on resume, those
+        # logged after the checkpoint by a run that then crashed (the resumed run logs them anew); for a new run
+        # in an old run's folder (whose metrics.jsonl it replaces), all of them.
+        purge = 0 if resume_step is None else resume_step + 1
+        return TensorBoardTracker(run_name, str(layout.tensorboard), purge_step=purge)
     if name == "mlflow":
         artifacts = None if _user_mlflow_store() else layout.root.resolve().joinpath("mlartifacts").as_uri()
         return MLflowTracker("tunelab", logging_dir=artifacts, run_id=run_id, run_name=run_name)
