@@ -70,7 +70,7 @@ def one_process(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.mark.parametrize(
     "strategy",
     [
-        ["distributed.strategy=ddp"],
+        ["distributed.strategy=ddp", "--report-to", "tensorboard"],
         ["distributed.strategy=zero1"],
         ["distributed.strategy=zero2"],
         ["distributed.strategy=zero3", "--set", "distributed.offload=parameters"],
@@ -89,6 +89,19 @@ def test_two_processes_match_one(strategy: list[str], one_process: Path, tiny_ll
     assert all(v.numel() > 0 for v in ours.values())
     assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) < WEIGHT_TOL
     assert (run / "merged" / "model.safetensors").is_file()
+    if "--report-to" in strategy:
+        _check_curves(run)
+
+
+def _check_curves(run: Path) -> None:
+    """Rank 0 alone writes the TensorBoard curves, the steps metrics.jsonl holds (a launch with trackers once hung:
+    accelerate's state built for them must not change the backend's DDP wrapping)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((run / "tensorboard" / "run").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run / "tensorboard" / "run"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(_losses(run), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -84,12 +84,21 @@ def train_cmd(
     node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
     master_addr: Annotated[str, typer.Option(help="Address of the node with --node-rank 0.")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option(help="A free TCP port on that node.")] = 29500,
+    report_to: Annotated[
+        str | None,
+        typer.Option(
+            help="Also log the curves to these trackers, comma-separated: tensorboard, mlflow, wandb "
+            "(sets train.report_to; offline, in the run folder by default)."
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune: evaluate before, train, evaluate after, export adapter and merged model, write the report."""
     from tunelab.config import load_spec
     from tunelab.recipe import run_job
     from tunelab.train.distributed import current_world
 
+    if report_to is not None:  # an override like any other: checked with the spec, passed on to a launch
+        set_ = [*(set_ or []), f"train.report_to={report_to}"]
     job = load_spec(spec, set_)
     if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ:
         _launch(job, spec, set_, resume, nproc, nnodes, node_rank, master_addr, master_port)

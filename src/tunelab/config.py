@@ -32,6 +32,14 @@ from tunelab.errors import ConfigError, Problem
 MAX_STEPS = 10**7
 BIG_DIM = 2**12  # ranks, virtual tokens; x64 for sequence lengths
 MAX_TEXT = 2**14  # characters of an instruction (a system message)
+# Experiment trackers of train.report_to, each with the modules it needs (all in the trackers extra); the names are
+# accelerate's (tunelab.train.trackers composes accelerate.tracking). MLflow's store is SQLite (its file store is
+# refused by MLflow 3), hence SQLAlchemy and Alembic.
+TRACKERS = {
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow", "sqlalchemy", "alembic"),
+    "wandb": ("wandb",),
+}
 
 
 class _Spec(BaseModel):
@@ -281,6 +289,31 @@ class TrainSpec(_Spec):
         le=2**24,
         description="Optional check: must equal batch_size x grad_accum x processes (DeepSpeed's train_batch_size).",
     )
+    report_to: list[str] = Field(
+        [],
+        description="Experiment trackers that also get the run's curves (train loss, lr, grad norm, tokens/s, "
+        "validation loss, scores before/after, hyperparameters): tensorboard, mlflow, wandb (the trackers extra). "
+        "Offline by default: files in output_dir (tensorboard/, mlflow.db, wandb/).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        # `--report-to tensorboard,mlflow` and `--set train.report_to=tensorboard,mlflow` arrive as one string.
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in TRACKERS:
+                hint = " ".join(filter(None, [_closest(name, list(TRACKERS)), f"choices: {', '.join(TRACKERS)}"]))
+                raise ValueError(f"unknown tracker {name!r} ({hint})")
+        return list(dict.fromkeys(names))  # a name given twice would open two writers on the same files
 
 
 class DistributedSpec(_Spec):
@@ -521,7 +554,11 @@ def _missing_extras(spec: JobSpec) -> list[Problem]:
         needs.append(("distributed.strategy", "deepspeed", f"strategy {spec.distributed.strategy} (DeepSpeed ZeRO)"))
     if spec.eval.benchmarks:
         needs.append(("eval.benchmarks", "benchmarks", "benchmarks (lm-eval tasks)"))
-    return [problem for where, extra, feature in needs if (problem := missing_problem(where, extra, feature))]
+    problems = [problem for where, extra, feature in needs if (problem := missing_problem(where, extra, feature))]
+    for name in spec.train.report_to:
+        problem = missing_problem("train.report_to", "trackers", f"report_to {name}", TRACKERS[name])
+        problems += [problem] if problem else []
+    return problems
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

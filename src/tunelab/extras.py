@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,6 +33,16 @@ EXTRAS = {
         ),
         Extra("postgres", {"psycopg": "psycopg"}),
         Extra("benchmarks", {"lm_eval": "lm-eval"}),
+        Extra(
+            "trackers",
+            {
+                "tensorboard": "tensorboard",
+                "mlflow": "mlflow-skinny",
+                "sqlalchemy": "sqlalchemy",
+                "alembic": "alembic",
+                "wandb": "wandb",
+            },
+        ),
     )
 }
 
@@ -51,15 +62,18 @@ def install_hint(extra: str) -> str:
     return f"pip install 'tunelab[{extra}]', or pip install -e '.[{extra}]' in a source checkout"
 
 
-def missing(extra: str) -> list[str]:
+def missing(extra: str, modules: Sequence[str] | None = None) -> list[str]:
     """The distributions of `extra` that cannot be imported here, found without importing them (DeepSpeed and
-    lm-eval take seconds to import)."""
-    return [dist for module, dist in _extra(extra).modules.items() if not _findable(module)]
+    lm-eval take seconds to import). `modules`: only those of the extra, for a feature that needs part of it (one
+    tracker of the trackers extra)."""
+    wanted = _extra(extra).modules.items()
+    return [dist for module, dist in wanted if (modules is None or module in modules) and not _findable(module)]
 
 
-def require(extra: str, feature: str) -> None:
-    """Raise MissingExtraError unless every package of `extra` is installed; call it before a command starts work."""
-    packages = missing(extra)
+def require(extra: str, feature: str, modules: Sequence[str] | None = None) -> None:
+    """Raise MissingExtraError unless every package of `extra` (or its `modules`) is installed; call it before a
+    command starts work."""
+    packages = missing(extra, modules)
     if packages:
         raise MissingExtraError(extra, feature, packages)
 
@@ -73,9 +87,10 @@ def optional_import(module: str, extra: str, feature: str) -> ModuleType:
         raise MissingExtraError(extra, feature, packages, detail=str(exc)) from exc
 
 
-def missing_problem(where: str, extra: str, feature: str) -> Problem | None:
-    """The job spec's problem when field `where` asks for a feature whose extra is not installed, else None."""
-    packages = missing(extra)
+def missing_problem(where: str, extra: str, feature: str, modules: Sequence[str] | None = None) -> Problem | None:
+    """The job spec's problem when field `where` asks for a feature whose extra (or the `modules` of it that the
+    feature needs) is not installed, else None."""
+    packages = missing(extra, modules)
     if not packages:
         return None
     return Problem(where, _needs(feature, packages), install_hint(extra))

@@ -4,6 +4,7 @@
 output_dir/
   spec.yaml  summary.json  metrics.jsonl  eval_before.json  report.html  report.png
   adapter/  merged/  pissa_init/
+  tensorboard/  mlflow.db  wandb/  trackers.json      (train.report_to)
   checkpoints/step-000010/  trainable.safetensors  optimizer.safetensors  optimizer.json  scheduler.json
                             trainer_state.json  rng-<rank>.safetensors
 ```
@@ -65,6 +66,18 @@ class RunLayout:
     @property
     def pissa_init(self) -> Path:
         return self.root / "pissa_init"  # PiSSA's adapter at initialisation, to convert the final one to a LoRA
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"  # TensorBoard event files (train.report_to: [tensorboard])
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"  # MLflow's SQLite store (report_to mlflow, no MLFLOW_TRACKING_URI)
+
+    @property
+    def tracker_runs(self) -> Path:
+        return self.root / "trackers.json"  # the MLflow/W&B run ids, so that a resumed run reopens them
 
     @property
     def checkpoints(self) -> Path:

@@ -25,7 +25,7 @@ from tunelab.config import JobSpec
 from tunelab.data.packing import Row
 from tunelab.export.card import finish_run_artefacts
 from tunelab.export.merge import save_adapter, save_merged
-from tunelab.layout import RunLayout
+from tunelab.layout import RunLayout, checkpoint_step
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, cache_dir, load_model, load_tokenizer, resolve
 from tunelab.report import confusion_png, write_report
@@ -38,6 +38,7 @@ from tunelab.train.objectives import CausalLM
 from tunelab.train.precision import CACHE_FILE as PRECISION_CACHE
 from tunelab.train.precision import choose_precision
 from tunelab.train.progress import log_benchmarks, reporting, timed, timing_line
+from tunelab.train.trackers import Trackers, open_trackers
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,23 @@ def run_job(
     resume_from = _resume_point(layout, resume)
     if world.is_main and spec.eval.enabled:
         check_benchmarks(spec)  # a wrong benchmark name fails now, not after training
+    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+    with open_trackers(spec, resume_step, world.is_main) as trackers:
+        return _run(spec, console, resume_from, stop_after, trackers, started)
+
+
+def _run(
+    spec: JobSpec,
+    console: Console,
+    resume_from: Path | None,
+    stop_after: int | None,
+    trackers: Trackers | None,
+    started: float,
+) -> RunSummary:
+    """run_job's work, with the run folder made and the trackers (if any) open."""
+    world = current_world()
+    out = spec.output_dir
+    layout = RunLayout(out)
 
     # Setup: model, tokenizer, data.
     set_seed(spec.train.seed)
@@ -94,6 +112,8 @@ def run_job(
     if world.is_main:
         with all_cores(world):
             before = _evaluate_once(task, model, tokenizer, data, spec, layout.eval_before, console, "before")
+        if trackers is not None and resume_from is None:  # a resumed run logged it when it started
+            trackers.log_evaluation(before.metrics, 0)
     barrier(world)  # the other processes wait for rank 0's evaluation
 
     # An objective that needs the untouched model (DPO's reference) sees it now, on every process.
@@ -133,6 +153,7 @@ def run_job(
         dist_spec=spec.distributed,
         objective=objective,
         val_rows=_validation_rows(spec, data),
+        trackers=trackers,
     )
     if result.interrupted:
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)
@@ -150,6 +171,8 @@ def run_job(
         adapter = save_adapter(model, tokenizer, layout.adapter, pissa_init)
     merged = _merge(model, source, tokenizer, adapter, spec) if _mergeable(spec, console) else None
     log_benchmarks(layout.metrics, before, after, result.state.step)
+    if trackers is not None and after is not None:
+        trackers.log_evaluation(after.metrics, result.state.step)
     music = render_samples(after.details if after else {}, layout.samples)  # creative: sheet music and MIDI
     if line := rendering_line(music, layout.samples):
         console.print(line)

@@ -30,6 +30,7 @@ from tunelab.train.objectives import CausalLM, Objective
 from tunelab.train.precision import CACHE_FILE as PRECISION_CACHE
 from tunelab.train.precision import choose_precision
 from tunelab.train.progress import ProgressReporter, rewrite_metrics
+from tunelab.train.trackers import Trackers
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,12 @@ def train(
     dist_spec: DistributedSpec | None = None,
     objective: Objective | None = None,
     val_rows: Sequence[Row] = (),
+    trackers: Trackers | None = None,
 ) -> TrainResult:
     """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
     `val_rows`: the validation loss is measured on the first `train.eval_rows` of them every `train.eval_every`
-    steps (one process only: a sharded model cannot run a forward pass on one rank alone).
+    steps (one process only: a sharded model cannot run a forward pass on one rank alone). `trackers`: the
+    experiment trackers that get each step and validation point too (the main process's; None elsewhere).
 
     With several processes every one calls this with the same rows; each takes its slice of every micro-batch."""
     if not rows:
@@ -156,10 +159,14 @@ def train(
             }
             state.history.append(row)
             reporter.update(row, eta_s=state.elapsed_s / state.step * (plan.total_steps - state.step))
+            if trackers is not None:
+                trackers.log_step(row)
             if val_every and (state.step % val_every == 0 or state.step == plan.total_steps):
                 point = _validate(backend, objective, val, pad_id, packed, train_spec.batch_size, state.step)
                 state.validation.append(point)
                 reporter.validation(point)
+                if trackers is not None:
+                    trackers.log_validation(point)
             every = ckpt_spec.every_steps
             if every and state.step % every == 0 and state.step < plan.total_steps:
                 last_ckpt = checkpoint()
