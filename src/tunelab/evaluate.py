@@ -115,40 +115,85 @@ def choice_logps(
     The candidates of an example share its prompt: the prompt runs once and the candidates continue from its
     cached keys and values, so an example costs about one forward pass however many labels there are."""
     model.eval()
-    if _prompt_learning(model):  # virtual tokens: PEFT manages the cache itself, so each pair runs whole
+    if prompt_learning(model):  # virtual tokens: PEFT manages the cache itself, so each pair runs whole
         return _whole_sequence_logps(model, choices, pad_id, batch_size)
-    scores: list[list[float]] = []
+    return [[c.logp for c in group] for group in choice_scores(model, choices, pad_id, batch_size)]
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    logp: float  # summed over the scored tokens
+    tokens: int  # scored tokens
+    correct: int  # of them, the ones greedy decoding would have produced (the token accuracy's numerator)
+
+
+@torch.no_grad()
+def choice_scores(
+    model: torch.nn.Module, choices: list[list[Tokenized]], pad_id: int, batch_size: int = 16
+) -> list[list[ChoiceScore]]:
+    """`choice_logps` with token counts and greedy hits (not for prompt learning): `batch_size` examples at a
+    time, their prompts left-padded into one forward pass, then all their candidates' own tokens in a second."""
+    model.eval()
+    scores: list[list[ChoiceScore]] = []
     with phase("scoring", len(choices), "examples") as shown:
-        for group in choices:
-            scores.append(_shared_prompt_logps(model, group, pad_id))
-            shown.advance(1)
+        for start in range(0, len(choices), batch_size):
+            groups = choices[start : start + batch_size]
+            scores.extend(_shared_prompt_scores(model, groups, pad_id))
+            shown.advance(len(groups))
     return scores
 
 
-def _shared_prompt_logps(model: torch.nn.Module, group: list[Tokenized], pad_id: int) -> list[float]:
-    ids = [t.input_ids for t in group]
-    shared = _unscored_prefix(group)
-    prompt = model(input_ids=torch.tensor([ids[0][:shared]]), use_cache=True, logits_to_keep=1)
-    first = prompt.logits[0, -1].float().log_softmax(-1)  # predicts every candidate's first own token
-    cache = prompt.past_key_values
-    tails = [seq[shared:] for seq in ids]
-    width = max(len(t) for t in tails)
-    cache.batch_repeat_interleave(len(group))
+def loss_metrics_of(scores: list[ChoiceScore]) -> dict[str, float]:
+    """`language_metrics` of the reference answers, from their choice scores (the same tokens and mask)."""
+    count = sum(s.tokens for s in scores)
+    loss = -sum(s.logp for s in scores) / max(count, 1)
+    accuracy = sum(s.correct for s in scores) / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": accuracy}
+
+
+def _shared_prompt_scores(
+    model: torch.nn.Module, groups: list[list[Tokenized]], pad_id: int
+) -> list[list[ChoiceScore]]:
+    shared = [_unscored_prefix(g) for g in groups]
+    width = max(shared)
+    prompt_ids = torch.tensor(
+        [[pad_id] * (width - n) + g[0].input_ids[:n] for g, n in zip(groups, shared, strict=True)]
+    )
+    prompt_mask = torch.tensor([[0] * (width - n) + [1] * n for n in shared])
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    first = prompt.logits[:, -1].float().log_softmax(-1)  # predicts each candidate's first own token
+    # Every example gets as many candidate rows as the largest group (a short group repeats its last one), so the
+    # cache can be repeated evenly; the extra rows are not read.
+    per = max(len(g) for g in groups)
+    cands = [(b, t) for b, g in enumerate(groups) for t in g + [g[-1]] * (per - len(g))]
+    prompt.past_key_values.batch_repeat_interleave(per)
+    tails = [t.input_ids[shared[b] :] for b, t in cands]
+    tail_width = max(len(t) for t in tails)
     # Right-padded tails: a causal model's real positions never see the padding after them.
-    padded = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
-    mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
-    positions = torch.arange(shared, shared + width).expand(len(group), -1)
-    logits = model(input_ids=padded, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+    tail_mask = torch.tensor([[1] * len(t) + [0] * (tail_width - len(t)) for t in tails])
+    logits = model(
+        input_ids=torch.tensor([t + [pad_id] * (tail_width - len(t)) for t in tails]),
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(per, 0), tail_mask], dim=1),
+        position_ids=torch.tensor([[shared[b] + j for j in range(tail_width)] for b, _ in cands]),
+        past_key_values=prompt.past_key_values,
+    ).logits
     logps = logits.float().log_softmax(-1)
-    scores = []
-    for k, tok in enumerate(group):
-        total = 0.0
-        for p in range(shared, len(tok.input_ids)):
-            if tok.labels[p] != IGNORE:  # token p is predicted at p - 1: the prompt's last position, or the tail's
-                row = first if p == shared else logps[k, p - shared - 1]
-                total += float(row[tok.input_ids[p]])
-        scores.append(total)
-    return scores
+    scored = [_score(t, shared[b], first[b], logps[i]) for i, (b, t) in enumerate(cands)]
+    return [scored[b * per : b * per + len(g)] for b, g in enumerate(groups)]
+
+
+def _score(tok: Tokenized, shared: int, first: torch.Tensor, tail: torch.Tensor) -> ChoiceScore:
+    total, n, correct = 0.0, 0, 0
+    for p in range(shared, len(tok.input_ids)):
+        if tok.labels[p] != IGNORE:  # token p is predicted at p - 1: the prompt's last position, or the tail's
+            row = first if p == shared else tail[p - shared - 1]
+            total += float(row[tok.input_ids[p]])
+            n += 1
+            correct += int(int(row.argmax()) == tok.input_ids[p])
+    return ChoiceScore(total, n, correct)
 
 
 def _unscored_prefix(group: list[Tokenized]) -> int:
@@ -160,9 +205,9 @@ def _unscored_prefix(group: list[Tokenized]) -> int:
     return max(shared, 1)
 
 
-def _prompt_learning(model: torch.nn.Module) -> bool:
+def prompt_learning(model: torch.nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
+    return bool(getattr(config, "isprompt_learning", False))
 
 
 def _whole_sequence_logps(

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.formats import ChatExample, Message
 from tunelab.data.render import generation_prompt, tokenize
 from tunelab.errors import DataError, Problem
-from tunelab.evaluate import Generation, choice_logps
+from tunelab.evaluate import Generation, choice_logps, choice_scores, loss_metrics_of, prompt_learning
 from tunelab.metrics import classification_metrics, confusion
 from tunelab.tasks.base import Evaluation, TaskData
 from tunelab.tasks.generative import GenerativeTask, Item, instructed
@@ -105,14 +105,13 @@ class ClassificationTask(GenerativeTask):
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation:
         mode = spec.eval.classification
-        if mode != "constrained":  # the loss pass, and free answers for `eval.generations` rows
-            generated = super().evaluate(model, tokenizer, data, spec)
-        else:
-            generated = Evaluation(self.loss_metrics(model, tokenizer, data, spec), [])
-        if mode == "generate":
-            return generated
+        if mode == "generate":  # the loss pass, and free answers for `eval.generations` rows
+            return super().evaluate(model, tokenizer, data, spec)
         items = [i for i in data.val_items if isinstance(i, Item)][: spec.eval.max_examples]
-        predicted = self.constrained(model, tokenizer, items)
+        predicted, loss = self._scored(model, tokenizer, items)
+        # The reference answers' loss came with the label scores when it could; a loss pass otherwise.
+        loss = loss or self.loss_metrics(model, tokenizer, data, spec)
+        generated = self.with_answers(model, tokenizer, data, spec, loss) if mode == "both" else Evaluation(loss, [])
         gold = [str(i.reference) for i in items]
         scores = classification_metrics(predicted, gold, self.labels)
         del scores["unknown_rate"]  # an argmax over the labels always names one
@@ -125,6 +124,20 @@ class ClassificationTask(GenerativeTask):
         """Each item's likeliest label as the answer (ties go to the first label)."""
         scores = label_logps(model, tokenizer, items, self.labels)
         return [self.labels[max(range(len(row)), key=row.__getitem__)] for row in scores]
+
+    def _scored(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[Item]
+    ) -> tuple[list[str], dict[str, float] | None]:
+        """(predicted labels, the reference answers' loss metrics): the reference is one of the scored labels, so
+        its loss comes free with them. None where it does not (a label unseen in training, prompt learning)."""
+        gold = [str(i.reference) for i in items]
+        if prompt_learning(model) or not set(gold) <= set(self.labels):
+            return self.constrained(model, tokenizer, items), None
+        choices = [[tokenize(_answered(i.example, label), tokenizer) for label in self.labels] for i in items]
+        scores = choice_scores(model, choices, int(tokenizer.pad_token_id))
+        predicted = [self.labels[max(range(len(row)), key=lambda k: row[k].logp)] for row in scores]
+        references = [row[self.labels.index(g)] for row, g in zip(scores, gold, strict=True)]
+        return predicted, loss_metrics_of(references)
 
 
 def label_logps(

@@ -187,7 +187,17 @@ class GenerativeTask(ABC):
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TaskData, spec: JobSpec
     ) -> Evaluation:
-        metrics = self.loss_metrics(model, tokenizer, data, spec)
+        return self.with_answers(model, tokenizer, data, spec, self.loss_metrics(model, tokenizer, data, spec))
+
+    def with_answers(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        data: TaskData,
+        spec: JobSpec,
+        metrics: dict[str, float],
+    ) -> Evaluation:
+        """`metrics` (the loss pass's) with the generated answers' scores and samples."""
         items = [i for i in data.val_items if isinstance(i, Item)][: max(spec.eval.generations, spec.eval.samples)]
         prompts = [generation_prompt(i.example, tokenizer) for i in items]
         sampling = {**self.sampling, "seed": spec.train.seed} if self.sampling else None
