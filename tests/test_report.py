@@ -195,7 +195,10 @@ def test_hyperparameters_validation_points_versions_and_artefacts(tmp_path: Path
         {
             "data": {"train": "t.jsonl"},
             "method": {"name": "lora", "r": 8, "alpha": 16},
-            "train": {"lr": 3e-4, "batch_size": 4, "grad_accum": 2, "max_seq_len": 128, "epochs": 2},
+            "train": {
+                **{"lr": 3e-4, "batch_size": 4, "grad_accum": 2, "max_seq_len": 128, "epochs": 2},
+                "precision": "bf16",  # a run's spec holds what `auto` chose by then: run_job resolves it first
+            },
             "output_dir": str(tmp_path / "run"),
         }
     )
@@ -217,7 +220,7 @@ def test_hyperparameters_validation_points_versions_and_artefacts(tmp_path: Path
     assert hp["learning rate"] == "0.0003 (cosine, warmup 0.05)"
     assert hp["batch"] == "4 x 2 accumulation x 1 process(es) = 8 rows"
     assert hp["sequence length"].startswith("128 tokens") and hp["steps"] == "8 (2 epochs)"
-    assert hp["precision"] == "fp32"
+    assert hp["precision"] == "bf16"
     # Each validation point beside the smoothed training loss of its step.
     for step, loss in ((4, "2.61"), (8, "1.93")):
         found = re.search(rf'<tr data-step="{step}"><td class="num">{step}</td>\s*<td class="num">([^<]+)</td>', html)
