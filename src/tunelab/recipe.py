@@ -75,6 +75,8 @@ def run_job(
     if world.is_main and spec.eval.enabled:
         check_benchmarks(spec)  # a wrong benchmark name fails now, not after training
     resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+    if resume_from is not None:
+        console.print(f"resuming from {resume_from} (step {resume_step})")
     with open_trackers(spec, resume_step, world.is_main) as trackers:
         return _run(spec, console, resume_from, stop_after, trackers, started)
 
