@@ -179,7 +179,7 @@ def test_export_and_run_errors_are_clear(tiny_llama_dir: Path, fp32_dir: Path, a
         export_onnx(str(tiny_llama_dir), fp32_dir, precision="fp32")
     with pytest.raises(TunelabError, match="not an ONNX export"):
         OnnxModel(tiny_llama_dir)
-    with pytest.raises(TunelabError, match="cannot be used with --onnx"):
+    with pytest.raises(TunelabError, match="merged export without LoRA slots"):
         build_engine(onnx=fp32_dir, adapters={"a": adapter})
 
 

@@ -16,19 +16,31 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.atomic import publish_folder
 from tunelab.data.render import encode_prompt
 from tunelab.errors import TunelabError
 from tunelab.export.merge import save_merged
+from tunelab.export.onnx_adapters import (
+    ADAPTERS_DIR,
+    SUFFIX,
+    check_lora,
+    lora_nodes,
+    open_slots,
+    slot_adapter,
+    slot_names,
+    target_modules,
+    write_adapter,
+)
 from tunelab.inference import chat_prompt, load_for_inference
 from tunelab.models import load_tokenizer, resolve
 from tunelab.train.progress import phase
@@ -52,13 +64,22 @@ PARITY_PROMPTS: tuple[str, ...] = (
 
 
 def export_onnx(
-    model: str, out: Path, precision: str = "int4", adapter: Path | None = None, overwrite: bool = False
+    model: str,
+    out: Path,
+    precision: str = "int4",
+    adapter: Path | None = None,
+    overwrite: bool = False,
+    runtime_adapters: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Merge `adapter` (if any) into `model` and write an onnxruntime-genai folder at `out`."""
+    """Merge `adapter` (if any) into `model` and write an onnxruntime-genai folder at `out`; or, with
+    `runtime_adapters`, the base with LoRA slots and each adapter as `adapters/NAME.onnx_adapter` (onnx_adapters)."""
     if precision not in PRECISIONS:
         raise TunelabError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise TunelabError(f"{out} already exists and is not empty: choose another --out or pass --force")
+    if adapter is not None and runtime_adapters:
+        raise TunelabError("--adapter merges one adapter, --runtime-adapter keeps several apart: choose one")
+    configs = [check_lora(name, path) for name, path in (runtime_adapters or {}).items()]
     loaded, tokenizer = load_for_inference(model, adapter)
     # Build into a temporary sibling and rename, so a failed export never leaves a half-written folder.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,18 +87,45 @@ def export_onnx(
         staged = save_merged(loaded, tokenizer, Path(tmp) / "merged")
         del loaded
         built = Path(tmp) / "onnx"
-        _run_builder(staged, built, precision, Path(tmp) / "cache")
-        manifest = {"precision": precision, "model": model, "adapter": str(adapter) if adapter else None}
+        merged = str(adapter) if adapter else None
+        manifest: dict[str, Any] = {"precision": precision, "model": model, "adapter": merged}
+        if runtime_adapters:
+            manifest["adapters"] = _build_with_slots(staged, built, precision, Path(tmp), runtime_adapters, configs)
+        else:
+            _run_builder(staged, built, precision, Path(tmp) / "cache")
         (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         publish_folder(built, out)
     return out
 
 
-def _run_builder(merged: Path, out: Path, precision: str, cache: Path) -> None:
+def _build_with_slots(
+    base: Path, built: Path, precision: str, tmp: Path, adapters: Mapping[str, Path], configs: list[dict[str, Any]]
+) -> dict[str, str]:
+    """The base with a LoRA slot in every targeted module, and each adapter's file; returns name -> file."""
+    slots = slot_adapter(base, target_modules(configs), tmp)
+    names = slot_names(load_file(str(slots / "adapter_model.safetensors")))
+    extra = [f"adapter_path={slots}"]
+    if precision != "fp32":  # quantise the base only: the adapters' matrices stay fp32
+        extra.append("nodes_to_exclude=" + ",".join(lora_nodes(names)))
+    _run_builder(base, built, precision, tmp / "cache", extra)
+    opened = set(open_slots(built))
+    if opened != set(names):
+        raise TunelabError(
+            f"the model builder laid out {len(opened)} LoRA slots where {len(names)} were expected "
+            "(its layer names differ for this architecture): merge the adapters instead (--adapter)"
+        )
+    files = {}
+    for name, path in adapters.items():
+        file = write_adapter(name, path, opened, built / ADAPTERS_DIR / f"{name}{SUFFIX}")
+        files[name] = str(file.relative_to(built))
+    return files
+
+
+def _run_builder(merged: Path, out: Path, precision: str, cache: Path, extra: Sequence[str] = ()) -> None:
     # In a child process: the builder is a script (it imports its siblings through sys.path) that holds every
     # tensor it writes in memory and prints progress bars; none of that belongs in the caller's process.
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out)]
-    cmd += ["-p", precision, "-e", "cpu", "-c", str(cache), "--extra_options", "hf_token=false"]
+    cmd += ["-p", precision, "-e", "cpu", "-c", str(cache), "--extra_options", "hf_token=false", *extra]
     if precision == "int4":
         # k-quant, with the LM head and the most sensitive layers kept in int8 (llama.cpp's "mixed" recipe): on the
         # embedded model, greedy agreement with PyTorch 72% -> 82% for 15% less speed and 26 MiB more than
@@ -159,6 +207,32 @@ class OnnxModel:
         self.og = og
         self.model = og.Model(config)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(resolve(str(folder)))
+        self.adapters: dict[str, Path] = {}  # name -> .onnx_adapter file, loaded into `_loaded` on first use
+        self._loaded: Any = None
+        manifest = folder / MANIFEST
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("adapters") if manifest.is_file() else None
+        for name, file in (listed or {}).items():
+            self.add_adapter(name, folder / file)
+
+    @property
+    def slots(self) -> set[str]:
+        """The LoRA slots of a base exported with --runtime-adapter (empty for a merged export)."""
+        import onnx
+
+        graph = onnx.load(str(self.folder / "model.onnx"), load_external_data=False).graph
+        return {i.name for i in graph.input if ".lora_" in i.name}
+
+    def add_adapter(self, name: str, file: Path) -> None:
+        if not file.is_file():
+            raise TunelabError(f"adapter {name!r}: {file} does not exist")
+        if self._loaded is None:
+            self._loaded = self.og.Adapters(self.model)
+        self._loaded.load(str(file), name)
+        self.adapters[name] = file
+
+    def _activate(self, generator: Any, adapter: str | None) -> None:
+        if adapter is not None:
+            generator.set_active_adapter(self._loaded, adapter)
 
     @property
     def context_length(self) -> int:
@@ -169,15 +243,18 @@ class OnnxModel:
         eos = self.genai_config["model"]["eos_token_id"]
         return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
-    def decoder(self, max_length: int) -> OnnxDecoder:
-        return OnnxDecoder(self, max_length)
+    def decoder(self, max_length: int, adapter: str | None = None) -> OnnxDecoder:
+        return OnnxDecoder(self, max_length, adapter)
 
-    def greedy(self, ids: Sequence[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    def greedy(
+        self, ids: Sequence[int], max_new_tokens: int, ignore_eos: bool = False, adapter: str | None = None
+    ) -> list[int]:
         """Greedy continuation with onnxruntime-genai's own search loop (the fast path)."""
         params = self.og.GeneratorParams(self.model)
         total = len(ids) + max_new_tokens
         params.set_search_options(max_length=total, min_length=total if ignore_eos else 0, do_sample=False)
         generator = self.og.Generator(self.model, params)
+        self._activate(generator, adapter)
         generator.append_tokens(np.array([ids], dtype=np.int32))
         tokens: list[int] = []
         while not generator.is_done() and len(tokens) < max_new_tokens:
@@ -196,11 +273,12 @@ class OnnxModel:
 class OnnxDecoder:
     """One sequence run step by step: feed tokens, read the next-token logits (the caller samples)."""
 
-    def __init__(self, model: OnnxModel, max_length: int) -> None:
+    def __init__(self, model: OnnxModel, max_length: int, adapter: str | None = None) -> None:
         params = model.og.GeneratorParams(model.model)
         # The KV cache is allocated for max_length up front: size it to the request, not the context window.
         params.set_search_options(max_length=max_length)
         self._generator: Any = model.og.Generator(model.model, params)
+        model._activate(self._generator, adapter)
 
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
         self._generator.append_tokens(np.array([tokens], dtype=np.int32))

@@ -24,13 +24,25 @@ def export_onnx_cmd(
         str, typer.Option(help="fp32 (exact), int8 or int4 (weight-only quantised: smaller and faster).")
     ] = "int4",
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    runtime_adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--runtime-adapter",
+            help="NAME=PATH of a LoRA adapter kept apart from the base (repeatable): `tunelab serve --onnx` "
+            "switches them per request (model=NAME).",
+        ),
+    ] = None,
 ) -> None:
     """Export the (merged) model to ONNX for onnxruntime-genai: model, genai_config.json and tokenizer."""
     from tunelab.export.onnx import export_onnx
+    from tunelab.inference_server.cli import parse_adapters
     from tunelab.train.progress import reporting
 
+    adapters = parse_adapters(runtime_adapter or [], option="--runtime-adapter")
     with reporting(Console(stderr=True, soft_wrap=True), f"onnx {precision}"):  # progress on stderr
-        folder = export_onnx(model, out_dir, precision=precision, adapter=adapter, overwrite=force)
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        folder = export_onnx(model, out_dir, precision, adapter, force, adapters)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     out.print(f"ONNX ({precision}): {folder}  ({size / 2**20:.1f} MiB)")
+    for name in adapters:
+        out.print(f"adapter {name}: {folder}/adapters/{name}.onnx_adapter")
     out.print(f"try it: tunelab generate 'hello' --onnx {folder}   or   tunelab serve --onnx {folder}")

@@ -16,7 +16,7 @@ from tunelab.errors import TunelabError
 console = Console(stderr=True)
 
 
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
+def parse_adapters(specs: list[str], option: str = "--adapter") -> dict[str, Path]:
     """`NAME=PATH` pairs; a bare PATH is named after its folder."""
     adapters: dict[str, Path] = {}
     for spec in specs:
@@ -24,9 +24,9 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
         if not sep:
             name, path = Path(spec).name, spec
         if not name or not path:
-            raise TunelabError(f"--adapter {spec!r}: expected NAME=PATH")
+            raise TunelabError(f"{option} {spec!r}: expected NAME=PATH")
         if name in adapters:
-            raise TunelabError(f"--adapter: the name {name!r} is given twice")
+            raise TunelabError(f"{option}: the name {name!r} is given twice")
         adapters[name] = Path(path).expanduser()
     return adapters
 
@@ -37,7 +37,12 @@ def serve_cmd(
     ] = "embedded",
     adapter: Annotated[
         list[str] | None,
-        typer.Option("--adapter", "-a", help="NAME=PATH of a PEFT adapter; requests choose it with model=NAME."),
+        typer.Option(
+            "--adapter",
+            "-a",
+            help="NAME=PATH of a PEFT adapter; requests choose it with model=NAME. With --onnx: a LoRA adapter "
+            "(or .onnx_adapter file) on a base exported with --runtime-adapter.",
+        ),
     ] = None,
     onnx: Annotated[Path | None, typer.Option(help="Serve an ONNX export (tunelab export onnx) instead.")] = None,
     name: Annotated[str | None, typer.Option(help="The model id of the base (default: --model or --onnx).")] = None,

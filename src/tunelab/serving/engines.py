@@ -5,7 +5,7 @@ PyTorch requests run concurrently and share forward passes: the engine's `BatchS
 runs the decode steps of all running requests as one batch (one per adapter, unless PEFT can mix them: LoRA), and
 lets requests join and leave between steps. Each forward pass holds the engine's lock: PEFT's adapter switch and
 the model are shared state. ONNX requests are not batched: they take turns one token at a time, each step holding
-the engine's lock.
+the engine's lock; each has its own generator, so each can have its own adapter active.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError
 from tunelab.export.onnx import OnnxDecoder, OnnxModel
+from tunelab.export.onnx_adapters import convert_for_serving, serving_cache
 from tunelab.models import load_model, load_tokenizer, resolve
 from tunelab.serving.adapters import AdapterRegistry, check_adapters
 from tunelab.serving.batching import BatchScheduler, Slot
@@ -110,24 +112,44 @@ class TorchDecoder:
 
 
 class OnnxEngine:
-    """One ONNX export (adapters are merged into it at export time)."""
+    """One ONNX export: a merged model, or a base with LoRA slots and the adapters it was exported with or was
+    given (`tunelab export onnx --runtime-adapter`), each request running with its own adapter active."""
 
-    def __init__(self, base_id: str, model: OnnxModel) -> None:
+    def __init__(self, base_id: str, model: OnnxModel, adapters: Mapping[str, Path] | None = None) -> None:
         self.base_id, self.model, self.tokenizer = base_id, model, model.tokenizer
         self.lock = threading.Lock()
+        if adapters:
+            _add_onnx_adapters(model, base_id, adapters)
 
     @property
     def model_ids(self) -> list[str]:
-        return [self.base_id]
+        return [self.base_id, *self.model.adapters]
 
     def served(self, model_id: str) -> ServedModel:
-        if model_id != self.base_id:
+        if model_id != self.base_id and model_id not in self.model.adapters:
             raise UnknownModel(model_id)
-        return ServedModel(self.tokenizer, self.model.context_length, self.model.eos_ids, self._open)
+        adapter = None if model_id == self.base_id else model_id
+        open_ = partial(self._open, adapter=adapter)
+        return ServedModel(self.tokenizer, self.model.context_length, self.model.eos_ids, open_)
 
-    def _open(self, max_length: int) -> Decoder:
+    def _open(self, max_length: int, adapter: str | None) -> Decoder:
         with self.lock:
-            return LockedDecoder(self.model.decoder(max_length), self.lock)
+            return LockedDecoder(self.model.decoder(max_length, adapter), self.lock)
+
+
+def _add_onnx_adapters(model: OnnxModel, base_id: str, adapters: Mapping[str, Path]) -> None:
+    """`--adapter NAME=PATH` on an ONNX base: an .onnx_adapter file, or a PEFT LoRA folder converted on the spot."""
+    slots = model.slots
+    if not slots:
+        raise TunelabError(
+            f"{model.folder} is a merged export without LoRA slots: export the base with "
+            "`tunelab export onnx --runtime-adapter NAME=PATH` to switch adapters at run time"
+        )
+    cache = serving_cache()
+    for name, path in adapters.items():
+        if name == base_id or name in model.adapters:
+            raise TunelabError(f"adapter name {name!r} is taken (by the base or the export's own adapters)")
+        model.add_adapter(name, convert_for_serving(name, path, slots, cache))
 
 
 class LockedDecoder:
@@ -154,9 +176,7 @@ def build_engine(
 ) -> Engine:
     """The engine `tunelab serve` runs: `name` is the model id the base answers to (default: as given)."""
     if onnx is not None:
-        if adapters:
-            raise TunelabError("--adapter cannot be used with --onnx: merge it at export (tunelab export onnx -a)")
-        return OnnxEngine(name or str(onnx), OnnxModel(onnx, threads))
+        return OnnxEngine(name or str(onnx), OnnxModel(onnx, threads), adapters)
     source = resolve(model)
     loaded, tokenizer = load_model(source), load_tokenizer(source)
     return TorchEngine(name or model, loaded, tokenizer, adapters or {}, max_adapters, max_batch)
