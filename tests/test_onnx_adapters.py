@@ -120,3 +120,19 @@ def test_int4_base_keeps_the_adapters_in_fp32(
     assert any(n.op_type == "MatMulNBits" for n in graph.node)
     quantised = OnnxModel(out)
     assert _greedy(quantised, "alpha") != _greedy(quantised, "beta")
+
+
+def test_agreement_is_measured_with_the_adapter_active(
+    exports: Path, adapters: dict[str, Path], tiny_llama_dir: Path
+) -> None:
+    """bench/onnx_adapter.py's measure: plain ONNX Runtime with the .onnx_adapter file, and the generation loop."""
+    from peft import PeftModel
+
+    from tunelab.export.onnx import greedy_agreement
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapters["beta"]).eval()
+    prompts = prompt_ids(OnnxModel(exports / "multi").tokenizer)[:3]
+    with_adapter = greedy_agreement(tuned, exports / "multi", prompts, max_new_tokens=8, adapter="beta")
+    assert with_adapter.rate == 1.0 and with_adapter.exact == 3
+    without = greedy_agreement(tuned, exports / "multi", prompts, max_new_tokens=8)  # the base alone: it differs
+    assert without.rate < 0.5

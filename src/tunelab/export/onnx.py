@@ -302,7 +302,7 @@ class SequenceLogits:
     """Logits at every position of a sequence from one ONNX Runtime pass with an empty KV cache: the parity
     check's view of an export, independent of onnxruntime-genai's generation loop."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, adapter: Path | None = None) -> None:
         import onnxruntime as ort
 
         self.config = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
@@ -310,6 +310,12 @@ class SequenceLogits:
         options.intra_op_num_threads = session_options(threads)["intra_op_num_threads"]
         path = str(folder / self.config["filename"])
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.run_options = ort.RunOptions()
+        if adapter is not None:  # an .onnx_adapter file on a base with LoRA slots
+            lora = ort.LoraAdapter()
+            lora.Load(str(adapter))
+            self.run_options.add_active_adapter(lora)
+            self._lora = lora  # the run options do not keep it alive
 
     def __call__(self, ids: Sequence[int]) -> np.ndarray:
         n = len(ids)
@@ -325,7 +331,7 @@ class SequenceLogits:
                 dtype = np.float16 if "float16" in spec.type else np.float32
                 shape = (1, self.config["num_key_value_heads"], 0, self.config["head_size"])
                 feeds[spec.name] = np.zeros(shape, dtype=dtype)
-        logits = self.session.run(["logits"], feeds)[0]
+        logits = self.session.run(["logits"], feeds, self.run_options)[0]
         return np.asarray(logits[0], dtype=np.float32)
 
 
@@ -361,9 +367,15 @@ def logits_max_abs_diff(model: torch.nn.Module, folder: Path, prompts: Sequence[
 
 @torch.inference_mode()
 def greedy_agreement(
-    model: torch.nn.Module, folder: Path, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
+    model: torch.nn.Module,
+    folder: Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    adapter: str | None = None,
 ) -> Agreement:
-    runner, onnx_logits = OnnxModel(folder), SequenceLogits(folder)
+    """`adapter`: one of the export's runtime adapters (tunelab export onnx --runtime-adapter), active in both."""
+    runner = OnnxModel(folder)
+    onnx_logits = SequenceLogits(folder, adapter=runner.adapters[adapter] if adapter else None)
     matches = total = exact = 0
     for ids in prompts:
         reference = torch_greedy(model, ids, max_new_tokens)  # ends with EOS when the model stopped
@@ -372,7 +384,7 @@ def greedy_agreement(
         matches += int((predicted == np.array(reference)).sum())
         total += len(reference)
         stripped = reference[:-1] if reference and reference[-1] in runner.eos_ids else reference
-        exact += int(runner.greedy(ids, max_new_tokens) == stripped)
+        exact += int(runner.greedy(ids, max_new_tokens, adapter=adapter) == stripped)
     return Agreement(rate=matches / total, exact=exact, prompts=len(prompts), tokens=total)
 
 
