@@ -1,7 +1,7 @@
 """The service dashboard: plain HTTP checks of the page (in-process, fast), then a real browser (Playwright driving
 Debian's Chromium) against a live `tunelab service` on loopback with the tiny model: sign-in and out, a bad file's
 line errors, a job run to completion with its loss curves drawn, checkpoints, the jobs filter, tenancy, escaping,
-and a streamed playground answer. One service and one browser for the module."""
+a streamed playground answer, and a DPO job's reward curves. One service and one browser for the module."""
 
 from __future__ import annotations
 
@@ -204,6 +204,7 @@ def test_a_job_runs_to_completion_with_its_curves_events_and_checkpoints(page: A
     # Training points every step, validation points every 4 (eval_every), as the API's events carry them.
     page.wait_for_function("() => document.querySelector('#loss-chart').dataset.points === '8/2'")
     assert _blue_pixels(page) > 200, "the training-loss curve is not drawn"
+    assert page.is_hidden("#dpo")  # no DPO statistics in a supervised job's events: no empty chart
     log = page.inner_text("#events")
     assert "The job has successfully completed" in log and "validation loss=" in log
     steps = [r.inner_text() for r in page.query_selector_all("#checkpoints tr[data-checkpoint] td:first-child")]
@@ -225,12 +226,18 @@ def test_a_job_runs_to_completion_with_its_curves_events_and_checkpoints(page: A
 
 def _blue_pixels(page: Any) -> int:
     """Pixels of the training curve's colour (#2563eb) on uPlot's canvas."""
+    return _pixels(page, "#loss-chart", (37, 99, 235))
+
+
+def _pixels(page: Any, chart: str, rgb: tuple[int, int, int]) -> int:
+    """Pixels of colour `rgb` on the uPlot canvas in `chart`."""
     return int(
         page.evaluate(
-            """() => { const c = document.querySelector('#loss-chart canvas');
+            """([chart, [r, g, b]]) => { const c = document.querySelector(chart + ' canvas');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-            for (let i = 0; i < d.length; i += 4) if (d[i] === 37 && d[i+1] === 99 && d[i+2] === 235) n++;
-            return n; }"""
+            for (let i = 0; i < d.length; i += 4) if (d[i] === r && d[i+1] === g && d[i+2] === b) n++;
+            return n; }""",
+            [chart, list(rgb)],
         )
     )
 
@@ -400,3 +407,24 @@ def test_hostile_text_stays_text_on_every_page_that_shows_it(page: Any, site: Si
     assert HOSTILE in page.text_content("#chat-1 .msg.assistant.error")  # "The model `...` does not exist ..."
     assert page.text_content("#chat-2 .msg.assistant") == HOSTILE
     _no_injection(page)
+
+
+def test_a_dpo_job_page_draws_the_reward_curves(page: Any, site: Site) -> None:
+    headers = {"Authorization": f"Bearer {site.keys['dash']}"}
+    row = {
+        "input": {"messages": [{"role": "user", "content": "Can pigs fly?"}]},
+        "preferred_output": [{"role": "assistant", "content": "No, pigs cannot fly."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Yes, at night."}],
+    }
+    content = "".join(json.dumps(row) + "\n" for _ in range(12)).encode()
+    files = {"file": ("pairs.jsonl", content)}
+    uploaded = httpx.post(f"{site.service.url}/files", headers=headers, files=files, data={"purpose": "fine-tune"})
+    spec = {"train": {"max_steps": 3, "max_seq_len": 64}, "eval": {"enabled": False}}
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 4}}}
+    body = {"model": "tiny", "training_file": uploaded.json()["id"], "method": method, "tunelab": {"spec": spec}}
+    job = httpx.post(f"{site.service.url}/fine_tuning/jobs", headers=headers, json=body).json()
+    _sign_in(page, site)
+    page.goto(f"{site.root}/#/job/{job['id']}")
+    page.wait_for_selector("#job-head .badge.succeeded", timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#dpo-chart').dataset.points === '3'")
+    assert page.is_visible("#dpo") and _pixels(page, "#dpo-chart", (22, 163, 74)) > 50  # reward accuracy's green
