@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
+from openai.types.fine_tuning import FineTuningJob
 from transformers import AutoTokenizer
 
 from service_support import DATABASES, FAST, NO_EVAL, chat_file, fresh_store
@@ -580,3 +581,5 @@ def test_a_wandb_integration_logs_the_job_offline_into_its_folder(
     assert list((job_dir / "tensorboard" / job["id"]).glob("events.out.tfevents.*"))  # the default tracker too
     listed = api.call("GET", "/fine_tuning/jobs").json()["data"]
     assert listed[0]["integrations"] == job["integrations"]
+    parsed = FineTuningJob.model_validate(done)  # the openai client's own type reads it
+    assert parsed.integrations and parsed.integrations[0].wandb.tags == ["a", "b"]
