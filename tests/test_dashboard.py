@@ -1,7 +1,7 @@
 """The service dashboard: plain HTTP checks of the page (in-process, fast), then a real browser (Playwright driving
 Debian's Chromium) against a live `tunelab service` on loopback with the tiny model: sign-in and out, a bad file's
 line errors, a job run to completion with its loss curves drawn, checkpoints, the jobs filter, tenancy, escaping,
-and a streamed playground answer. One service and one browser for the module."""
+a streamed playground answer, and a DPO job's reward curves. One service and one browser for the module."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -203,6 +204,7 @@ def test_a_job_runs_to_completion_with_its_curves_events_and_checkpoints(page: A
     # Training points every step, validation points every 4 (eval_every), as the API's events carry them.
     page.wait_for_function("() => document.querySelector('#loss-chart').dataset.points === '8/2'")
     assert _blue_pixels(page) > 200, "the training-loss curve is not drawn"
+    assert page.is_hidden("#dpo")  # no DPO statistics in a supervised job's events: no empty chart
     log = page.inner_text("#events")
     assert "The job has successfully completed" in log and "validation loss=" in log
     steps = [r.inner_text() for r in page.query_selector_all("#checkpoints tr[data-checkpoint] td:first-child")]
@@ -224,12 +226,18 @@ def test_a_job_runs_to_completion_with_its_curves_events_and_checkpoints(page: A
 
 def _blue_pixels(page: Any) -> int:
     """Pixels of the training curve's colour (#2563eb) on uPlot's canvas."""
+    return _pixels(page, "#loss-chart", (37, 99, 235))
+
+
+def _pixels(page: Any, chart: str, rgb: tuple[int, int, int]) -> int:
+    """Pixels of colour `rgb` on the uPlot canvas in `chart`."""
     return int(
         page.evaluate(
-            """() => { const c = document.querySelector('#loss-chart canvas');
+            """([chart, [r, g, b]]) => { const c = document.querySelector(chart + ' canvas');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-            for (let i = 0; i < d.length; i += 4) if (d[i] === 37 && d[i+1] === 99 && d[i+2] === 235) n++;
-            return n; }"""
+            for (let i = 0; i < d.length; i += 4) if (d[i] === r && d[i+1] === g && d[i+2] === b) n++;
+            return n; }""",
+            [chart, list(rgb)],
         )
     )
 
@@ -331,3 +339,92 @@ def test_pages_fit_a_phone(site: Site) -> None:
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390, route
     phone.screenshot(path=str(site.shots / "dashboard-phone.png"))
     context.close()
+
+
+def test_hostile_text_stays_text_on_every_page_that_shows_it(page: Any, site: Site) -> None:
+    """HOSTILE as a file's role (its problem, and the failed job's event and error), a suffix (the create error), a
+    job's instruction (its spec), a model name and a streamed reply: text on each page, and nothing ran.
+
+    File names never carry it back: the service sanitises them (`<`, `>`, `"`, `=` become `_`; the files page shows
+    them, checked above). The tiny model cannot be made to say HOSTILE, so the streamed reply is the service's chat
+    stream answered by the test (page.route), in the service's chunk shape; the other pane's error is the service's
+    own answer quoting the model name."""
+    hostile = site.bad.with_name("role.jsonl")
+    good = site.train.read_text(encoding="utf-8").splitlines()[0]
+    bad_line = json.dumps({"messages": [{"role": HOSTILE, "content": "hi"}, {"role": "assistant", "content": "x"}]})
+    hostile.write_text(f"{good}\n{bad_line}\n", encoding="utf-8")
+    _sign_in(page, site)
+
+    # New job: the suffix comes back in the create error; the file's bad role in its problem table.
+    page.goto(site.root + "/#/new")
+    page.set_input_files("#training-file", str(site.train))
+    page.wait_for_selector("#training-status .ok")
+    page.select_option("#model", "tiny")
+    page.fill("#suffix", HOSTILE)
+    page.click("#create")
+    assert f"Invalid suffix {HOSTILE!r}" in page.wait_for_selector("#create-status .error").text_content()
+    page.set_input_files("#validation-file", str(hostile))
+    row = page.wait_for_selector("#validation-status tr.problem")
+    assert f"unknown role {HOSTILE!r}" in row.text_content()
+    _no_injection(page)
+
+    # Job page: a job on that file fails with an event and an error quoting the role; its instruction is in the spec.
+    headers = {"Authorization": f"Bearer {site.keys['dash']}"}
+    with hostile.open("rb") as f:
+        files = {"file": (hostile.name, f)}
+        uploaded = httpx.post(f"{site.service.url}/files", headers=headers, files=files, data={"purpose": "fine-tune"})
+    spec = {"task": {"instruction": HOSTILE}, "eval": {"enabled": False}}
+    body = {"model": "tiny", "training_file": uploaded.json()["id"], "tunelab": {"spec": spec}}
+    job = httpx.post(f"{site.service.url}/fine_tuning/jobs", headers=headers, json=body).json()
+    page.goto(f"{site.root}/#/job/{job['id']}")
+    page.wait_for_selector("#job-head .badge.failed")
+    assert HOSTILE in page.text_content("#job-head .error")
+    assert any(HOSTILE in text for text in page.locator("#events li span").all_text_contents())
+    shown_spec = page.text_content("#spec pre")  # JSON: the quote comes escaped
+    assert "<script>alert(1)</script>" in shown_spec and "<img src=x onerror=alert(2)>" in shown_spec
+    _no_injection(page)
+
+    # Playground: pane 1 asks for a model named HOSTILE (the service's 404 quotes it); pane 2's reply streams HOSTILE.
+    def reply(route: Any) -> None:
+        if json.loads(route.request.post_data)["model"] != "tiny":
+            route.continue_()
+            return
+        pieces = ["<scr", "ipt>alert(1)</script>", '">', "<img src=x onerror=alert(2)>"]  # split mid-tag, as tokens
+        choices = [[{"index": 0, "delta": {"content": p}}] for p in pieces]
+        chunks = [{"object": "chat.completion.chunk", "choices": c} for c in choices]
+        stream = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream)
+
+    page.route("**/v1/chat/completions", reply)
+    page.goto(f"{site.root}/#/playground?model={quote(HOSTILE)}")
+    page.wait_for_selector("#model-1")
+    assert page.eval_on_selector("#model-1", "s => s.value") == HOSTILE
+    page.check("#compare")
+    page.select_option("#model-2", "tiny")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant.done').length === 2")
+    assert HOSTILE in page.text_content("#chat-1 .msg.assistant.error")  # "The model `...` does not exist ..."
+    assert page.text_content("#chat-2 .msg.assistant") == HOSTILE
+    _no_injection(page)
+
+
+def test_a_dpo_job_page_draws_the_reward_curves(page: Any, site: Site) -> None:
+    headers = {"Authorization": f"Bearer {site.keys['dash']}"}
+    row = {
+        "input": {"messages": [{"role": "user", "content": "Can pigs fly?"}]},
+        "preferred_output": [{"role": "assistant", "content": "No, pigs cannot fly."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Yes, at night."}],
+    }
+    content = "".join(json.dumps(row) + "\n" for _ in range(12)).encode()
+    files = {"file": ("pairs.jsonl", content)}
+    uploaded = httpx.post(f"{site.service.url}/files", headers=headers, files=files, data={"purpose": "fine-tune"})
+    spec = {"train": {"max_steps": 3, "max_seq_len": 64}, "eval": {"enabled": False}}
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 4}}}
+    body = {"model": "tiny", "training_file": uploaded.json()["id"], "method": method, "tunelab": {"spec": spec}}
+    job = httpx.post(f"{site.service.url}/fine_tuning/jobs", headers=headers, json=body).json()
+    _sign_in(page, site)
+    page.goto(f"{site.root}/#/job/{job['id']}")
+    page.wait_for_selector("#job-head .badge.succeeded", timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#dpo-chart').dataset.points === '3'")
+    assert page.is_visible("#dpo") and _pixels(page, "#dpo-chart", (22, 163, 74)) > 50  # reward accuracy's green

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
+from openai.types.fine_tuning import FineTuningJob
 from transformers import AutoTokenizer
 
 from service_support import DATABASES, FAST, NO_EVAL, chat_file, fresh_store
@@ -521,3 +522,64 @@ def test_delete_a_pissa_model_removes_all_its_folders(api: Api, good_file: bytes
     assert all(f.is_dir() for f in folders)
     assert api.call("DELETE", f"/models/{job['fine_tuned_model']}").json()["deleted"] is True
     assert [f.name for f in folders if f.exists()] == [] and not (job_dir / "merged").exists()
+
+
+def test_integration_errors_name_the_field(api: Api, good_file: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunelab.extras
+
+    file_id = api.upload(good_file)["id"]
+    wandb = {"type": "wandb", "wandb": {"project": "p"}}
+    cases: list[tuple[list[Any], str, str, str]] = [
+        ([wandb, {"type": "comet", "comet": {}}], "unsupported_integration", "integrations[1].type", "'comet'"),
+        ([{"type": "wandb"}], "missing_required_parameter", "integrations[0].wandb", "integrations[0].wandb"),
+        ([{"type": "wandb", "wandb": {}}], "missing_required_parameter", "integrations[0].wandb.project", "project"),
+        ([{**wandb, "x": 1}], "unknown_parameter", "integrations[0].x", "integrations[0].x"),
+        (
+            [{"type": "wandb", "wandb": {"project": "p", "team": "t"}}],
+            "unknown_parameter",
+            "integrations[0].wandb.team",
+            "team",
+        ),
+    ]
+    for integrations, code, param, words in cases:
+        error = _error(api.create_job(file_id, integrations=integrations), 400)
+        assert (error["code"], error["param"]) == (code, param) and words in error["message"], (integrations, error)
+    both = {"spec": {**NO_EVAL, "train": {"wandb": {"project": "q"}}}}
+    assert _error(api.create_job(file_id, integrations=[wandb], tunelab=both), 400)["param"] == "integrations[0]"
+    monkeypatch.setattr(tunelab.extras, "_findable", lambda module: module != "wandb")  # a service without W&B
+    error = _error(api.create_job(file_id, integrations=[wandb]), 400)
+    assert (error["code"], error["param"]) == ("integration_not_available", "integrations[0].type")
+    assert "needs wandb" in error["message"] and "pip install 'tunelab[trackers]'" in error["message"]
+    assert api.call("GET", "/fine_tuning/jobs").json()["data"] == []  # no job was created
+
+
+def test_a_wandb_integration_logs_the_job_offline_into_its_folder(
+    api: Api, good_file: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = {"project": "tunelab-tests", "name": "my-run", "tags": ["a", "b"]}
+    spec = {"train": {"max_steps": 2, "max_seq_len": 64, "batch_size": 2}, **NO_EVAL}
+    response = api.create_job(
+        api.upload(good_file)["id"], integrations=[{"type": "wandb", "wandb": settings}], tunelab={"spec": spec}
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()
+    shown = {**settings, "entity": None}
+    assert job["integrations"] == [{"type": "wandb", "wandb": shown}]  # as OpenAI returns it
+    assert job["tunelab"]["spec"]["train"]["report_to"] == ["tensorboard", "wandb"]  # the default, and W&B
+    claimed = api.store.leases.claim("w-test", 60)
+    assert claimed is not None and claimed.id == job["id"]
+    Worker(api.settings, "w-test", api.store).run_one(claimed)
+    done = api.call("GET", f"/fine_tuning/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["integrations"] == job["integrations"], done
+    job_dir = api.settings.jobs_dir / job["id"]
+    run_id = json.loads((job_dir / "trackers.json").read_text(encoding="utf-8"))["wandb"]
+    (record,) = (job_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")  # offline: no network
+    content = record.read_bytes()
+    assert all(word.encode() in content for word in ("tunelab-tests", "my-run", "train/loss"))
+    assert list((job_dir / "tensorboard" / job["id"]).glob("events.out.tfevents.*"))  # the default tracker too
+    listed = api.call("GET", "/fine_tuning/jobs").json()["data"]
+    assert listed[0]["integrations"] == job["integrations"]
+    parsed = FineTuningJob.model_validate(done)  # the openai client's own type reads it
+    assert parsed.integrations and parsed.integrations[0].wandb.tags == ["a", "b"]

@@ -1,5 +1,6 @@
-"""train.report_to: a real tiny run's curves read back with TensorBoard's and MLflow's own readers, a resumed run
-continuing the same curves, W&B offline, and the errors for a wrong name and a missing package."""
+"""train.report_to: a real tiny run's curves read back with TensorBoard's and MLflow's own readers (TensorBoard by
+default), a resumed run continuing the same curves, W&B offline, and the errors for a wrong name and a missing
+package."""
 
 from __future__ import annotations
 
@@ -39,6 +40,30 @@ def _spec(tmp_path: Path, model_dir: Path) -> Path:
 
 def _jsonl(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_run_writes_its_curves_for_tensorboard_by_default(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = _spec(tmp_path, tiny_llama_dir)
+    result = runner.invoke(app, ["train", str(spec)])  # no report_to anywhere
+    assert result.exit_code == 0, result.output
+    run = RunLayout(tmp_path / "run")
+    assert not run.mlflow_db.exists() and not (run.root / "wandb").exists()  # the default is TensorBoard alone
+    rows = [r for r in _jsonl(run.metrics) if "eval" not in r]
+    summary = json.loads(run.summary.read_text(encoding="utf-8"))
+    events = EventAccumulator(str(run.tensorboard / "run"))
+    events.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    for key in ("loss", "lr", "tokens_per_s", "grad_norm"):  # every step's value, as metrics.jsonl has it
+        assert scalars(f"train/{key}") == [(int(r["step"]), pytest.approx(r[key], rel=1e-6)) for r in rows], key
+    assert [s for s, _ in scalars("validation/loss")] == [2, 4]
+    for metric in ("loss", "token_accuracy"):  # the scenario's scores before (step 0) and after (the last step)
+        before, after = summary["before"][metric], summary["after"][metric]
+        assert scalars(f"eval/{metric}") == [(0, pytest.approx(before, rel=1e-6)), (4, pytest.approx(after, rel=1e-6))]
 
 
 def test_tensorboard_and_mlflow_hold_the_run_s_curves_across_a_resume(
@@ -127,6 +152,9 @@ def test_an_unknown_tracker_names_the_field_and_the_choices(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"train\.report_to.*unknown tracker 'comet'"):
         load_spec(spec, ["train.report_to=[tensorboard, comet]"])
     assert load_spec(spec, ["train.report_to=mlflow, mlflow"]).train.report_to == ["mlflow"]
+    assert load_spec(spec).train.report_to == ["tensorboard"]  # the default
+    assert load_spec(spec, ["train.report_to=none"]).train.report_to == []  # `--report-to none`: no tracker
+    assert load_spec(spec, ["train.report_to=[]"]).train.report_to == []
 
 
 def test_a_missing_tracker_package_names_the_trackers_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,8 +87,8 @@ def train_cmd(
     report_to: Annotated[
         str | None,
         typer.Option(
-            help="Also log the curves to these trackers, comma-separated: tensorboard, mlflow, wandb "
-            "(sets train.report_to; offline, in the run folder by default)."
+            help="Log the curves to these trackers, comma-separated: tensorboard (the default), mlflow, wandb; "
+            "none: no tracker (sets train.report_to; offline, in the run folder by default)."
         ),
     ] = None,
 ) -> None:

@@ -32,11 +32,11 @@ from tunelab.errors import ConfigError, Problem
 MAX_STEPS = 10**7
 BIG_DIM = 2**12  # ranks, virtual tokens; x64 for sequence lengths
 MAX_TEXT = 2**14  # characters of an instruction (a system message)
-# Experiment trackers of train.report_to, each with the modules it needs (all in the trackers extra); the names are
-# accelerate's (tunelab.train.trackers composes accelerate.tracking). MLflow's store is SQLite (its file store is
-# refused by MLflow 3), hence SQLAlchemy and Alembic.
-TRACKERS = {
-    "tensorboard": ("tensorboard",),
+# Experiment trackers of train.report_to, each with the modules it needs from the trackers extra; the names are
+# accelerate's (tunelab.train.trackers composes accelerate.tracking). TensorBoard is a base dependency (the default
+# tracker); MLflow's store is SQLite (its file store is refused by MLflow 3), hence SQLAlchemy and Alembic.
+TRACKERS: dict[str, tuple[str, ...]] = {
+    "tensorboard": (),
     "mlflow": ("mlflow", "sqlalchemy", "alembic"),
     "wandb": ("wandb",),
 }
@@ -243,6 +243,18 @@ class DataSpec(_Spec):
         return self.train if isinstance(self.train, list) else [DataSource(path=self.train)]
 
 
+WandbText = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class WandbSpec(_Spec):
+    """The W&B run of `report_to: [wandb]` (the service's `integrations: [{"type": "wandb", ...}]` sets it)."""
+
+    project: WandbText = Field(description="W&B project of the run.")
+    entity: WandbText | None = Field(None, description="W&B team or user (default: the logged-in user's).")
+    name: WandbText | None = Field(None, description="Display name of the run (default: the run folder's name).")
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field([], max_length=50, description="Run tags.")
+
+
 class TrainSpec(_Spec):
     epochs: float = Field(
         1.0, gt=0, le=1000, allow_inf_nan=False, description="Passes over the training data (fractions allowed)."
@@ -290,10 +302,17 @@ class TrainSpec(_Spec):
         description="Optional check: must equal batch_size x grad_accum x processes (DeepSpeed's train_batch_size).",
     )
     report_to: list[str] = Field(
-        [],
+        ["tensorboard"],
         description="Experiment trackers that also get the run's curves (train loss, lr, grad norm, tokens/s, "
-        "validation loss, scores before/after, hyperparameters): tensorboard, mlflow, wandb (the trackers extra). "
-        "Offline by default: files in output_dir (tensorboard/, mlflow.db, wandb/).",
+        "validation loss, scores before/after, hyperparameters): tensorboard (the default, a base dependency), "
+        "mlflow, wandb (the trackers extra); `none` or [] for none. Offline by default: files in output_dir "
+        "(tensorboard/, mlflow.db, wandb/).",
+    )
+
+    wandb: WandbSpec | None = Field(
+        None,
+        description="W&B run settings when report_to names wandb: project, entity, name, tags (default: project "
+        "WANDB_PROJECT or tunelab, named after output_dir).",
     )
 
     @field_validator("report_to", mode="before")
@@ -303,15 +322,16 @@ class TrainSpec(_Spec):
         if value is None:
             return []
         if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        return [] if value == ["none"] else value  # `--report-to none`: no tracker (transformers' spelling)
 
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, names: list[str]) -> list[str]:
         for name in names:
             if name not in TRACKERS:
-                hint = " ".join(filter(None, [_closest(name, list(TRACKERS)), f"choices: {', '.join(TRACKERS)}"]))
+                choices = f"choices: {', '.join(TRACKERS)}, or none alone"
+                hint = " ".join(filter(None, [_closest(name, list(TRACKERS)), choices]))
                 raise ValueError(f"unknown tracker {name!r} ({hint})")
         return list(dict.fromkeys(names))  # a name given twice would open two writers on the same files
 

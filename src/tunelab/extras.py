@@ -36,7 +36,6 @@ EXTRAS = {
         Extra(
             "trackers",
             {
-                "tensorboard": "tensorboard",
                 "mlflow": "mlflow-skinny",
                 "sqlalchemy": "sqlalchemy",
                 "alembic": "alembic",

@@ -18,7 +18,7 @@ from tunelab.errors import ConfigError, Problem
 from tunelab.job_service.db import CheckpointRow, EventRow, FileRow, JobRow
 from tunelab.job_service.errors import ApiError, bad_request, not_found
 from tunelab.job_service.ids import new_id, now
-from tunelab.job_service.schemas import Hyperparameters, JobCreate
+from tunelab.job_service.schemas import Hyperparameters, IntegrationIn, JobCreate
 from tunelab.job_service.settings import MODEL_NAME, ServiceSettings
 from tunelab.job_service.store import Event, Page, Store
 
@@ -42,8 +42,6 @@ def create_job(settings: ServiceSettings, store: Store, project_id: str, req: Jo
     base_path = _base_model(settings, req.model)
     train_file = _usable_file(store, project_id, req.training_file, "training_file")
     val_file = _usable_file(store, project_id, req.validation_file, "validation_file") if req.validation_file else None
-    if req.integrations:
-        raise bad_request("unsupported_integration", "Integrations are not supported by tunelab.", "integrations")
     job_id = new_id("ftjob")
     spec, seed, keep = build_spec(settings, job_id, base_path, train_file, val_file, req)
     row = JobRow(
@@ -85,6 +83,7 @@ def build_spec(
     hyper = _hyperparameters(req)
     _apply_hyperparameters(train, hyper, req.method.type if req.method else "supervised")
     seed = _seed(train, req.seed)
+    _apply_integrations(train, req.integrations or [])
     checkpoints = sections["checkpoints"]
     keep = checkpoints.pop("keep_last", settings.keep_checkpoints)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= MAX_KEEP:
@@ -358,6 +357,46 @@ def _apply_hyperparameters(train: dict[str, Any], hyper: Hyperparameters, method
     base = train.get("lr", DEFAULT_LR)
     if multiplier != "auto" and isinstance(base, int | float):
         train["lr"] = base * multiplier  # relative to tunelab's default lr, or to the extension's train.lr
+
+
+def _apply_integrations(train: dict[str, Any], integrations: list[IntegrationIn]) -> None:
+    """OpenAI's `integrations`: W&B becomes the spec's `report_to` wandb and `train.wandb` (offline, in the job's
+    folder, unless the service's WANDB_MODE says otherwise), as `tunelab train --report-to wandb` does."""
+    from tunelab.extras import install_hint, missing
+
+    for i, integration in enumerate(integrations):
+        where = f"integrations[{i}]"
+        if integration.type != "wandb":
+            message = f"Unsupported integration type {integration.type!r}: tunelab supports 'wandb' (Weights & Biases)."
+            raise bad_request("unsupported_integration", message, f"{where}.type")
+        if other := sorted(integration.model_extra or {}):
+            param = f"{where}.{other[0]}"
+            raise bad_request("unknown_parameter", f"Unrecognized request argument supplied: {param}", param)
+        if integration.wandb is None:
+            param = f"{where}.wandb"
+            raise bad_request("missing_required_parameter", f"Missing required parameter: '{param}'.", param)
+        if packages := missing("trackers", ["wandb"]):
+            message = (
+                f"The W&B integration needs {', '.join(packages)}, which this service does not have installed: "
+                f"drop {where} or ask its operator to install it ({install_hint('trackers')})."
+            )
+            raise bad_request("integration_not_available", message, f"{where}.type")
+        if "wandb" in train:
+            message = f"{where} and tunelab.spec.train.wandb both set the W&B run: give only one of them."
+            raise bad_request("invalid_request", message, where)
+        default = TrainSpec.model_fields["report_to"].default
+        train["report_to"] = list(dict.fromkeys([*train.get("report_to", default), "wandb"]))
+        train["wandb"] = integration.wandb.model_dump(exclude_none=True)
+
+
+def integrations_of(spec: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A job's `integrations`, as OpenAI returns them: the W&B run its spec logs to, if any."""
+    train = spec["train"]
+    settings = train.get("wandb")
+    if "wandb" not in train.get("report_to", []) or not settings:
+        return None
+    wandb = {"project": settings["project"], "entity": settings.get("entity"), "name": settings.get("name")}
+    return [{"type": "wandb", "wandb": {**wandb, "tags": settings.get("tags") or []}}]
 
 
 def _seed(train: dict[str, Any], seed: int | None) -> int:

@@ -64,6 +64,24 @@ class TunelabOptions(_Request):
     )
 
 
+class WandbIn(_Request):
+    """OpenAI's W&B integration settings (FineTuningJobWandbIntegration); tunelab's `train.wandb`."""
+
+    project: Annotated[str, Field(min_length=1, max_length=128)]
+    entity: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=50)
+
+
+class IntegrationIn(BaseModel):
+    # Other keys are allowed here so that an unsupported type (`{"type": "comet", "comet": {...}}`) is refused by its
+    # type, naming `integrations[i].type` (jobs.create_job), rather than by its settings' key.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Name
+    wandb: WandbIn | None = None
+
+
 class JobCreate(_Request):
     model: Name
     training_file: Name
@@ -75,7 +93,7 @@ class JobCreate(_Request):
     )
     method: MethodIn | None = None
     hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method; still accepted
-    integrations: list[dict[str, Any]] | None = Field(None, max_length=16)
+    integrations: list[IntegrationIn] | None = Field(None, max_length=16)
     tunelab: TunelabOptions = TunelabOptions()
 
 

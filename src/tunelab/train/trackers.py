@@ -9,9 +9,10 @@ rows that metrics.jsonl gets, keyed by optimizer step, and makes a resumed run c
 - `eval/<metric>` of the scenario's evaluation: before training at step 0, after it at the last step;
 - the job spec, flattened (`train.lr`, `method.r`, ...), as hyperparameters when the run starts.
 
-Offline by default, everything in the run folder: TensorBoard event files in `tensorboard/`, an MLflow SQLite store
-`mlflow.db` (unless MLFLOW_TRACKING_URI names another), W&B in offline mode under `wandb/` (unless WANDB_MODE says
-otherwise). Only the main process of a launch opens them (the caller decides; see `open_trackers`).
+TensorBoard by default. Offline by default, everything in the run folder: TensorBoard event files in `tensorboard/`,
+an MLflow SQLite store `mlflow.db` (unless MLFLOW_TRACKING_URI names another), W&B in offline mode under `wandb/`
+(unless WANDB_MODE says otherwise; project, entity, name and tags from `train.wandb`). Only the main process of a
+launch opens them (the caller decides; see `open_trackers`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tunelab.config import TRACKERS, JobSpec
+from tunelab.config import TRACKERS, JobSpec, WandbSpec
 from tunelab.extras import require
 from tunelab.layout import RunLayout
 from tunelab.logs import is_verbose
@@ -80,7 +81,7 @@ def open_trackers(spec: JobSpec, resume_step: int | None, main: bool) -> Iterato
         started: list[GeneralTracker] = []
         try:
             for name in spec.train.report_to:
-                tracker = _build(name, layout, saved.get(name), resume_step)
+                tracker = _build(name, layout, saved.get(name), resume_step, spec.train.wandb)
                 tracker.start()
                 started.append(tracker)
             _save_ids(layout, started)
@@ -108,7 +109,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
     return flat
 
 
-def _build(name: str, layout: RunLayout, run_id: str | None, resume_step: int | None) -> GeneralTracker:
+def _build(
+    name: str, layout: RunLayout, run_id: str | None, resume_step: int | None, wandb: WandbSpec | None
+) -> GeneralTracker:
     require("trackers", f"report_to {name}", TRACKERS[name])
     from accelerate import PartialState
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
@@ -131,7 +134,10 @@ def _build(name: str, layout: RunLayout, run_id: str | None, resume_step: int | 
     settings: dict[str, Any] = {"name": run_name, "dir": str(layout.root), "id": run_id, "resume": "allow"}
     if "WANDB_MODE" not in os.environ:
         settings["mode"] = "offline"  # never the network unless the user configured W&B for it
-    return WandBTracker(os.environ.get("WANDB_PROJECT", "tunelab"), **settings)
+    if wandb is None:
+        return WandBTracker(os.environ.get("WANDB_PROJECT", "tunelab"), **settings)
+    settings.update(name=wandb.name or run_name, entity=wandb.entity, tags=wandb.tags or None)
+    return WandBTracker(wandb.project, **settings)
 
 
 def _user_mlflow_store() -> bool:

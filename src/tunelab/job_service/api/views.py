@@ -8,6 +8,7 @@ from fastapi import Response
 from pydantic import BaseModel
 
 from tunelab.job_service.db import CheckpointRow, EventRow, FileRow, JobRow
+from tunelab.job_service.jobs import integrations_of
 from tunelab.job_service.models import ModelInfo
 from tunelab.job_service.schemas import (
     CheckpointMetrics,
@@ -72,6 +73,7 @@ def job_view(row: JobRow) -> FineTuningJob:
         training_file=row.training_file,
         validation_file=row.validation_file,
         estimated_finish=_ts(row.estimated_finish) if row.status == "running" else None,
+        integrations=integrations_of(spec),
         metadata=row.meta,
         method=_method(row.hyperparameters, hyper),
         tunelab=_extension(row, spec),

@@ -163,6 +163,28 @@ function lossChart(target) {
   return plot;
 }
 
+// DPO's own curves, when a job's metrics events carry them (preference jobs: the objective adds them to each step).
+const DPO_SERIES = [["reward_accuracy", "reward accuracy", "#16a34a"], ["reward_margin", "reward margin", "#9333ea"]];
+
+function dpoChart(target) {
+  const opts = {
+    width: Math.max(280, target.clientWidth || 600), height: 220,
+    scales: { x: { time: false } },
+    axes: [{ label: "step" }, { label: "reward" }],
+    series: [{ label: "step" }, ...DPO_SERIES.map(([, label, stroke]) => ({ label, stroke, width: 2 }))],
+  };
+  const plot = new uPlot(opts, [[], ...DPO_SERIES.map(() => [])], target);
+  new ResizeObserver(() => plot.setSize({ width: Math.max(280, target.clientWidth), height: 220 })).observe(target);
+  return plot;
+}
+
+function dpoData(events) {
+  const rows = events.filter((e) => e.type === "metrics" && e.data && e.data.step != null && e.data.reward_accuracy != null);
+  const byStep = new Map(rows.map((e) => [e.data.step, e.data]));
+  const steps = [...byStep.keys()].sort((a, b) => a - b);
+  return [steps, ...DPO_SERIES.map(([key]) => steps.map((s) => byStep.get(s)[key] ?? null))];
+}
+
 function curveData(events) {
   const train = new Map();
   const valid = new Map();
@@ -209,17 +231,20 @@ async function jobView(id) {
   const controls = h("div", { class: "toolbar", id: "job-controls" });
   const chartBox = h("div", { id: "loss-chart", class: "chart" });
   const metrics = h("div", { id: "final-metrics" });
+  const dpoBox = h("div", { id: "dpo-chart", class: "chart" });
+  const dpoSection = h("section", { id: "dpo", hidden: true }, h("h2", { text: "DPO rewards" }), dpoBox);
   const log = h("ol", { id: "events", class: "log", reversed: true });
   const checkpoints = h("div", { id: "checkpoints" });
   const results = h("div", { id: "results" });
   const report = h("div", { id: "report" });
   const spec = h("div", { id: "spec" });
   view(h("p", {}, h("a", { href: "#/jobs", text: "← Jobs" })), head, controls,
-    h("h2", { text: "Loss" }), chartBox, metrics,
+    h("h2", { text: "Loss" }), chartBox, dpoSection, metrics,
     h("div", { class: "two" }, h("section", {}, h("h2", { text: "Checkpoints" }), checkpoints),
       h("section", {}, h("h2", { text: "Result files" }), results)),
     h("h2", { text: "Events" }), log, h("h2", { text: "Hyperparameters and spec" }), spec, report);
   const plot = lossChart(chartBox);
+  let dpoPlot = null; // made when the first DPO point arrives: most jobs have none
   const events = [];
   const known = new Set();
   let reportShown = false;
@@ -243,6 +268,13 @@ async function jobView(id) {
         plot.setData(data);
         // How many points each curve has: what a reader (or a test) can check without reading the canvas.
         chartBox.dataset.points = `${data[1].filter((x) => x != null).length}/${data[2].filter((x) => x != null).length}`;
+        const dpo = dpoData(events);
+        if (dpo[0].length) {
+          dpoSection.hidden = false;
+          dpoPlot = dpoPlot || dpoChart(dpoBox);
+          dpoPlot.setData(dpo);
+          dpoBox.dataset.points = String(dpo[0].length);
+        }
         const after = events.filter((e) => e.type === "metrics" && e.data && e.data.step == null);
         if (after.length) metrics.replaceChildren(h("h3", { text: "Validation after training" }), keyValues(after[after.length - 1].data));
       }
