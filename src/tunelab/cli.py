@@ -91,6 +91,10 @@ def train_cmd(
             "none: no tracker (sets train.report_to; offline, in the run folder by default)."
         ),
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Mirror the run folder to object storage, e.g. s3://bucket/prefix (sets storage)."),
+    ] = None,
 ) -> None:
     """Fine-tune: evaluate before, train, evaluate after, export adapter and merged model, write the report."""
     from tunelab.config import load_spec
@@ -99,6 +103,8 @@ def train_cmd(
 
     if report_to is not None:  # an override like any other: checked with the spec, passed on to a launch
         set_ = [*(set_ or []), f"train.report_to={report_to}"]
+    if storage is not None:
+        set_ = [*(set_ or []), f"storage={storage}"]
     job = load_spec(spec, set_)
     if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ:
         _launch(job, spec, set_, resume, nproc, nnodes, node_rank, master_addr, master_port)

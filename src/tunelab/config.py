@@ -402,6 +402,12 @@ class JobSpec(_Spec):
     distributed: DistributedSpec = DistributedSpec()
     eval: EvalSpec = EvalSpec()
     output_dir: Path = Field(Path("runs/latest"), description="Where checkpoints, adapter, merged model and report go.")
+    storage: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9+.-]*://.+",
+        description="Object storage the run folder is mirrored to, e.g. s3://bucket/prefix (at each checkpoint and "
+        "at the end, under <storage>/<output_dir's name>); --resume fetches the latest checkpoint from there.",
+    )
 
     @model_validator(mode="after")
     def _check_method(self) -> JobSpec:

@@ -30,6 +30,7 @@ from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, cache_dir, load_model, load_tokenizer, resolve
 from tunelab.report import confusion_png, write_report
 from tunelab.report.run import details, read_metrics, scored_samples
+from tunelab.storage import RunMirror
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
@@ -71,6 +72,11 @@ def run_job(
     if world.is_main:
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         layout.spec.write_text(spec_text, encoding="utf-8")
+    mirror = RunMirror(spec.storage, out) if spec.storage and world.is_main else None
+    if mirror is not None and resume and latest_checkpoint(layout.checkpoints) is None:
+        console.print(f"fetching the latest checkpoint from {mirror.url}")
+        mirror.pull_latest_checkpoint()
+    barrier(world)  # the other processes look for the checkpoint rank 0 may have fetched
     resume_from = _resume_point(layout, resume)
     if world.is_main and spec.eval.enabled:
         check_benchmarks(spec)  # a wrong benchmark name fails now, not after training
@@ -78,7 +84,11 @@ def run_job(
     if resume_from is not None:
         console.print(f"resuming from {resume_from} (step {resume_step})")
     with open_trackers(spec, resume_step, world.is_main) as trackers:
-        return _run(spec, console, resume_from, stop_after, trackers, started)
+        summary = _run(spec, console, resume_from, stop_after, trackers, started, mirror)
+    if mirror is not None:  # after the trackers closed: their files are complete
+        mirror.push_run()
+        console.print(f"run folder mirrored to {mirror.url}")
+    return summary
 
 
 def _run(
@@ -88,6 +98,7 @@ def _run(
     stop_after: int | None,
     trackers: Trackers | None,
     started: float,
+    mirror: RunMirror | None,
 ) -> RunSummary:
     """run_job's work, with the run folder made and the trackers (if any) open."""
     world = current_world()
@@ -156,6 +167,7 @@ def _run(
         objective=objective,
         val_rows=_validation_rows(spec, data),
         trackers=trackers,
+        on_checkpoint=mirror.push_checkpoint if mirror is not None else None,
     )
     if result.interrupted:
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)

@@ -92,11 +92,13 @@ def train(
     objective: Objective | None = None,
     val_rows: Sequence[Row] = (),
     trackers: Trackers | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
     `val_rows`: the validation loss is measured on the first `train.eval_rows` of them every `train.eval_every`
     steps (one process only: a sharded model cannot run a forward pass on one rank alone). `trackers`: the
     experiment trackers that get each step and validation point too (the main process's; None elsewhere).
+    `on_checkpoint`: called with each saved checkpoint's folder (the main process's: object storage's mirror).
 
     With several processes every one calls this with the same rows; each takes its slice of every micro-batch."""
     if not rows:
@@ -129,7 +131,10 @@ def train(
         reporter = ProgressReporter(plan.total_steps, state.step, metrics_path if world.is_main else None)
 
     def checkpoint() -> Path:
-        return save_checkpoint(ckpt_root, backend, scheduler, state, ckpt_spec.keep_last)
+        saved = save_checkpoint(ckpt_root, backend, scheduler, state, ckpt_spec.keep_last)
+        if on_checkpoint is not None:
+            on_checkpoint(saved)
+        return saved
 
     val = list(val_rows[: train_spec.eval_rows]) if world.size == 1 else []
     val_every = validation_every(train_spec, plan.total_steps) if val else 0
