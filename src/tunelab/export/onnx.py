@@ -188,7 +188,8 @@ def physical_cores() -> int:
 def session_options(threads: int | None = None) -> dict[str, int]:
     """Thread settings for every ONNX Runtime session tunelab opens. Left unset, onnxruntime-genai ran the int4
     model at half the speed of an explicit 2 threads on a 2-core machine."""
-    return {"intra_op_num_threads": threads or physical_cores()}
+    # Errors only: a base with LoRA slots (onnx_adapters) would log a warning per slot at every session start.
+    return {"intra_op_num_threads": threads or physical_cores(), "log_severity_level": 3}
 
 
 class OnnxModel:
@@ -307,7 +308,9 @@ class SequenceLogits:
 
         self.config = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = session_options(threads)["intra_op_num_threads"]
+        chosen = session_options(threads)
+        options.intra_op_num_threads = chosen["intra_op_num_threads"]
+        options.log_severity_level = chosen["log_severity_level"]
         path = str(folder / self.config["filename"])
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.run_options = ort.RunOptions()
