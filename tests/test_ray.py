@@ -1,0 +1,71 @@
+"""`tunelab train SPEC --ray` on a real local Ray cluster: a head and a second node on this machine (loopback), one CPU
+each, started by this module through Ray's own test helper (ray.cluster_utils.Cluster) and shut down at its end.
+
+Ray Train's workers run the function `--nproc`'s processes run, so `--ray --num-workers 2` must give `--nproc 2`'s
+per-step losses and adapter. Real machines and GPUs are not tested here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from test_distributed import LOSS_TOL, WEIGHT_TOL, _adapter, _losses, _spec, _train
+from tunelab.cli import app
+
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """Two Ray nodes of one CPU each: the two workers land one per node, as on two machines."""
+    cluster = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        yield str(cluster.address)
+    finally:
+        cluster.shutdown()  # ends the processes this cluster started, and only those
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_ray_workers_match_nproc(strategy: str, ray_address: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(tmp_path, tiny_llama_dir)
+    reference, run = tmp_path / "nproc", tmp_path / "ray"
+    _train(spec, reference, "--nproc", "2", "--set", f"distributed.strategy={strategy}")
+    ray_args = ["--ray", "--ray-address", ray_address, "--num-workers", "2"]
+    result = _train(spec, run, *ray_args, "--set", f"distributed.strategy={strategy}")
+    assert f"adapter: {run / 'adapter'}" in result.stdout  # the driver prints rank 0's summary
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["after"]["loss"] < summary["before"]["loss"]
+    assert len(_losses(run)) == 6
+    assert _losses(run) == pytest.approx(_losses(reference), abs=LOSS_TOL)
+    ours, theirs = _adapter(run), _adapter(reference)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < WEIGHT_TOL
+    assert (run / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-workers", "0"], "--num-workers 0: give 1 or more"),
+        (["--num-workers", "2"], "--num-workers 2 needs a strategy"),
+        (["--cpus-per-worker", "0", "--set", "distributed.strategy=ddp"], "--cpus-per-worker"),
+        (["--nproc", "2", "--set", "distributed.strategy=ddp"], "--ray and --nproc are two launchers"),
+    ],
+    ids=["no-workers", "no-strategy", "no-cpus", "two-launchers"],
+)
+def test_bad_ray_options_say_how_to_fix(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    # Refused before any cluster is started or joined (no address is given: a local one would be started).
+    spec = _spec(tmp_path, tiny_llama_dir)
+    result = CliRunner().invoke(app, ["train", str(spec), "--ray", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
