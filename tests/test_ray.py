@@ -22,13 +22,11 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """Two Ray nodes of one CPU each: the two workers land one per node, as on two machines."""
-    cluster = cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
-    )
+    """Two Ray nodes of one CPU each: the two workers land one per node, as on two machines. Both bind this machine's
+    own address (Ray turns a client's 127.0.0.1 into that address, so a loopback-only cluster cannot be joined)."""
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         yield str(cluster.address)
     finally:
