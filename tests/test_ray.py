@@ -33,11 +33,21 @@ def ray_address() -> Iterator[str]:
         cluster.shutdown()  # ends the processes this cluster started, and only those
 
 
+@pytest.fixture(scope="module")
+def nproc_two(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `--nproc 2` run (DDP) both Ray runs are held to: one reference, to keep this module's time down. ZeRO-2
+    under --nproc 2 matches DDP (and one process) to float summation order: tests/test_distributed.py."""
+    tmp = tmp_path_factory.mktemp("nproc")
+    run = tmp / "run"
+    _train(_spec(tmp, tiny_llama_dir), run, "--nproc", "2", "--set", "distributed.strategy=ddp")
+    return run
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_ray_workers_match_nproc(strategy: str, ray_address: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
-    spec = _spec(tmp_path, tiny_llama_dir)
-    reference, run = tmp_path / "nproc", tmp_path / "ray"
-    _train(spec, reference, "--nproc", "2", "--set", f"distributed.strategy={strategy}")
+def test_ray_workers_match_nproc(
+    strategy: str, ray_address: str, nproc_two: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    spec, reference, run = _spec(tmp_path, tiny_llama_dir), nproc_two, tmp_path / "ray"
     ray_args = ["--ray", "--ray-address", ray_address, "--num-workers", "2"]
     result = _train(spec, run, *ray_args, "--set", f"distributed.strategy={strategy}")
     assert f"adapter: {run / 'adapter'}" in result.stdout  # the driver prints rank 0's summary
