@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from test_distributed import LOSS_TOL, WEIGHT_TOL, _adapter, _losses, _spec, _train
 from tunelab.cli import app
+from tunelab.layout import RunLayout
+from tunelab.train.ray_executor import restarted
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -77,3 +79,14 @@ def test_bad_ray_options_say_how_to_fix(args: list[str], message: str, tiny_llam
     result = CliRunner().invoke(app, ["train", str(spec), "--ray", *args], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_a_restarted_worker_group_resumes_only_from_its_own_checkpoints(tmp_path: Path) -> None:
+    # Ray re-runs the workers' function after a failure: it must resume from what this run wrote, not from an
+    # earlier run's checkpoints left in the folder (a fresh run without --resume starts from step 0).
+    layout = RunLayout(tmp_path)
+    (layout.checkpoints / "step-000003").mkdir(parents=True)
+    assert not restarted(layout, known=["step-000003"])
+    (layout.checkpoints / "step-000006").mkdir()
+    assert restarted(layout, known=["step-000003"])
+    assert restarted(layout, known=[])
