@@ -8,9 +8,13 @@ per-step losses and adapter. Real machines and GPUs are not tested here.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -41,21 +45,50 @@ def nproc_two(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     under --nproc 2 matches DDP (and one process) to float summation order: tests/test_distributed.py."""
     tmp = tmp_path_factory.mktemp("nproc")
     run = tmp / "run"
-    _train(_spec(tmp, tiny_llama_dir), run, "--nproc", "2", "--set", "distributed.strategy=ddp")
+    _train(_spec(tmp, tiny_llama_dir), run, *LONGER, "--nproc", "2", "--set", "distributed.strategy=ddp")
     return run
+
+
+# Long enough for a worker to be killed mid-run, after the first checkpoint (a step is ~0.1 s here).
+LONGER = ["--set", "train.max_steps=40", "--set", "checkpoints.every_steps=10"]
+
+
+def _train_killing_a_worker(spec: Path, run: Path, *args: str) -> str:
+    """Train, and kill one Ray Train worker (SIGKILL, as a lost node would) once the first checkpoint is written:
+    Ray restarts the group (--max-failures 1), which resumes from that checkpoint. The workers are this test's
+    processes' descendants (the cluster's raylets are), so no other Ray process is touched."""
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--set", f"output_dir={run}", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "step-000010").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert workers, "no Ray Train worker found"
+        workers[0].kill()
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    return output
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_ray_workers_match_nproc(
     strategy: str, ray_address: str, nproc_two: Path, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
+    """ddp also loses a worker mid-run: the restarted group resumes from the last checkpoint, and the results must
+    still be those of the uninterrupted --nproc 2 run."""
     spec, reference, run = _spec(tmp_path, tiny_llama_dir), nproc_two, tmp_path / "ray"
-    ray_args = ["--ray", "--ray-address", ray_address, "--num-workers", "2"]
-    result = _train(spec, run, *ray_args, "--set", f"distributed.strategy={strategy}")
-    assert f"adapter: {run / 'adapter'}" in result.stdout  # the driver prints rank 0's summary
+    args = [*LONGER, "--ray", "--ray-address", ray_address, "--num-workers", "2", "--set"]
+    args.append(f"distributed.strategy={strategy}")
+    if strategy == "ddp":
+        output = _train_killing_a_worker(spec, run, *args, "--max-failures", "1")
+        assert "RETRY" in output and output.count("Attempting to start training worker group") == 2
+    else:
+        output = _train(spec, run, *args).stdout
+    assert f"adapter: {run / 'adapter'}" in output  # the driver prints rank 0's summary
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["after"]["loss"] < summary["before"]["loss"]
-    assert len(_losses(run)) == 6
+    assert summary["steps"] == 40 and summary["after"]["loss"] < summary["before"]["loss"]
+    assert len(_losses(run)) == 40
     assert _losses(run) == pytest.approx(_losses(reference), abs=LOSS_TOL)
     ours, theirs = _adapter(run), _adapter(reference)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
