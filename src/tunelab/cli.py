@@ -24,6 +24,8 @@ from tunelab.job_service.cli import app as service_app
 
 if TYPE_CHECKING:
     from tunelab.config import JobSpec
+    from tunelab.recipe import RunSummary
+    from tunelab.train.ray_executor import RayOptions
 
 app = typer.Typer(
     help="Fine-tune small language models for real tasks.",
@@ -91,6 +93,16 @@ def train_cmd(
             "none: no tracker (sets train.report_to; offline, in the run folder by default)."
         ),
     ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Train on a Ray cluster (Ray Train); the ray extra.")] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="The Ray cluster to join (ray://... or HOST:PORT); default: a local one.")
+    ] = None,
+    num_workers: Annotated[int, typer.Option(help="Ray workers (one process each), with --ray.")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs Ray reserves for each worker.")] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs Ray reserves for each worker (0: CPU training).")] = 0.0,
+    max_failures: Annotated[
+        int, typer.Option(help="With --ray: restart a failed worker group this many times, from the last checkpoint.")
+    ] = 0,
     storage: Annotated[
         str | None,
         typer.Option(help="Mirror the run folder to object storage, e.g. s3://bucket/prefix (sets storage)."),
@@ -106,14 +118,38 @@ def train_cmd(
     if storage is not None:
         set_ = [*(set_ or []), f"storage={storage}"]
     job = load_spec(spec, set_)
+    if ray:
+        from tunelab.train.ray_executor import RayOptions
+
+        options = RayOptions(ray_address, num_workers, cpus_per_worker, gpus_per_worker, max_failures)
+        _print_summary(_run_on_ray(job, resume, nproc, options))
+        return
     if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ:
         _launch(job, spec, set_, resume, nproc, nnodes, node_rank, master_addr, master_port)
         return
     summary = run_job(job, resume=resume, console=console)
     if summary.interrupted:
         raise typer.Exit(130)
-    if not current_world().is_main:
-        return
+    if current_world().is_main:
+        _print_summary(summary)
+
+
+def _run_on_ray(job: JobSpec, resume: bool, nproc: int, options: RayOptions) -> RunSummary:
+    from tunelab.train.distributed import prebuild_deepspeed_ops
+    from tunelab.train.ray_executor import check_options, run_on_ray
+
+    if nproc > 1:
+        raise TunelabError("--ray and --nproc are two launchers: give --num-workers with --ray, or drop --ray")
+    check_options(job, options)
+    if job.distributed.strategy.startswith("zero"):  # see _launch: the workers on this machine share the build
+        with console.status("building DeepSpeed's CPU communication op (first run only)"):
+            prebuild_deepspeed_ops()
+    where = options.address or "a local Ray cluster"
+    console.print(f"launching {options.num_workers} Ray workers ({job.distributed.strategy}) on {where}")
+    return run_on_ray(job, resume, options)
+
+
+def _print_summary(summary: RunSummary) -> None:
     _print_scores("before / after (validation)", ("before", "after"), summary.before, summary.after)
     out.print(
         f"trainable parameters: {summary.trainable_params:,} / {summary.total_params:,}   "

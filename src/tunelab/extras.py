@@ -33,6 +33,7 @@ EXTRAS = {
         ),
         Extra("postgres", {"psycopg": "psycopg"}),
         Extra("benchmarks", {"lm_eval": "lm-eval"}),
+        Extra("ray", {"ray": "ray"}),
         Extra("storage", {"s3fs": "s3fs"}),
         Extra(
             "trackers",
