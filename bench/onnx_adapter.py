@@ -52,8 +52,8 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    tuned, tokenizer = load_for_inference(args.model, args.adapter)  # merged, fp32
-    tuned.eval()
+    tuned, tokenizer = load_for_inference(args.model, args.adapter)
+    tuned = tuned.merge_and_unload().eval()  # the fine-tuned model as PyTorch runs it fastest: merged, fp32
     prompts = prompt_ids(tokenizer)
     folders = {
         name: export(args.model, args.adapter, work / name.replace(" ", "-"), *variant)

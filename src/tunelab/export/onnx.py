@@ -66,7 +66,7 @@ PARITY_PROMPTS: tuple[str, ...] = (
 def export_onnx(
     model: str,
     out: Path,
-    precision: str = "int4",
+    precision: str = "int8",
     adapter: Path | None = None,
     overwrite: bool = False,
     runtime_adapters: Mapping[str, Path] | None = None,

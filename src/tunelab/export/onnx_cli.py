@@ -21,8 +21,12 @@ def export_onnx_cmd(
         Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder to merge in first.")
     ] = None,
     precision: Annotated[
-        str, typer.Option(help="fp32 (exact), int8 or int4 (weight-only quantised: smaller and faster).")
-    ] = "int4",
+        str,
+        typer.Option(
+            help="int8 (the default: keeps 98% of a fine-tune's greedy tokens at ~6x PyTorch), int4 (faster and "
+            "smaller, ~80%) or fp32 (exact). int8/int4 quantise the weights only."
+        ),
+    ] = "int8",
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     runtime_adapter: Annotated[
         list[str] | None,
