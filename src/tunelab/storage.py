@@ -43,14 +43,14 @@ class RunMirror:
         self._put_tree(checkpoint)
         for name in _RESUME_FILES:
             if (self.local / name).is_file():
-                self.fs.put_file(str(self.local / name), self._remote(self.local / name))
+                self._put(self.local / name)
         kept = {p.name for p in RunLayout(self.local).checkpoints.iterdir()}
         for remote in self._remote_checkpoints():
             if remote.rsplit("/", 1)[-1] not in kept:
                 self.fs.rm(remote, recursive=True)
 
     def push_run(self) -> None:
-        """Everything in the run folder (adapter, merged model, report, logs) that is not there yet or changed."""
+        """Everything in the run folder (adapter, merged model, report, logs); checkpoints already there are skipped."""
         self._put_tree(self.local)
 
     def pull_latest_checkpoint(self) -> Path | None:
@@ -73,11 +73,19 @@ class RunMirror:
         return [p for p in self.fs.ls(folder, detail=False) if checkpoint_step(Path(p)) is not None]
 
     def _put_tree(self, folder: Path) -> None:
+        checkpoints = RunLayout(self.local).checkpoints
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             remote = self._remote(path)
-            info = self.fs.info(remote) if self.fs.exists(remote) else None
-            if info is None or info.get("size") != path.stat().st_size or path.suffix in (".json", ".jsonl"):
-                self.fs.put_file(str(path), remote)
+            # A checkpoint never changes once saved: skip what is there. Anything else (an adapter trained again
+            # into the same folder has the same size) may have been rewritten, so it always goes up.
+            if path.is_relative_to(checkpoints) and self.fs.exists(remote):
+                continue
+            self._put(path)
+
+    def _put(self, path: Path) -> None:
+        remote = self._remote(path)
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)  # a local or shared path needs its folders
+        self.fs.put_file(str(path), remote)
 
     def _get(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
