@@ -107,10 +107,14 @@ def test_the_shared_prompt_path_equals_whole_sequences(tiny_llama_dir: Path) -> 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     items = [Item(instructed(i, "Say pos or neg.", text, "pos"), "pos") for i, text in enumerate(TEXTS)]
     choices = [[tokenize(_answered(i.example, label), tokenizer) for label in LABELS] for i in items]
-    shared = choice_logps(model, choices, tokenizer.pad_token_id)
     with torch.no_grad():
         whole = _whole_sequence_logps(model, choices, tokenizer.pad_token_id, batch_size=3)
-    assert torch.allclose(torch.tensor(shared), torch.tensor(whole), atol=1e-3), (shared, whole)
+    # One batch, and batches of 2: examples are batched by prompt length (out of order) and the system prompt they
+    # share runs once per batch, padding sits between it and each prompt's rest; the scores come back in order.
+    assert len({len(group[0].input_ids) for group in choices}) > 2
+    for batch_size in (16, 2):
+        shared = choice_logps(model, choices, tokenizer.pad_token_id, batch_size=batch_size)
+        assert torch.allclose(torch.tensor(shared), torch.tensor(whole), atol=1e-3), (batch_size, shared, whole)
 
 
 def test_the_reference_answers_loss_comes_with_the_label_scores(tiny_llama_dir: Path) -> None:

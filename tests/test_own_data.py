@@ -190,7 +190,16 @@ def test_eval_scores_a_file_alone_with_trainings_warnings_and_progress_lines(
     monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line per batch, as a long run gives one every 10 s
     path = _slice("classification", tmp_path / "test.jsonl", n=12, split="test")
     args = ["eval", "--data", str(path), "-s", "classification", "-m", str(tiny_llama_dir), "--out", str(tmp_path)]
-    overrides = ["--set", "eval.generations=10", "--set", "train.batch_size=4", "--set", "train.max_seq_len=100"]
+    overrides = [
+        "--set",
+        "eval.classification=both",
+        "--set",
+        "eval.generations=10",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.max_seq_len=100",
+    ]
     result = runner.invoke(app, [*args, *overrides])  # CliRunner's output is not a terminal: plain lines
     assert result.exit_code == 0, result.output
     assert "warning: validation:" in result.output and "were truncated" in result.output  # as `train` prints

@@ -374,7 +374,7 @@ class EvalSpec(_Spec):
         description="Validation examples generated and scored by the task metric (a head scores all max_examples).",
     )
     classification: Literal["constrained", "generate", "both"] = Field(
-        "both",
+        "constrained",  # one forward pass per example; free answers cost a generation each (issue 13)
         description="Generative classification: `constrained` scores each label's log-likelihood as the answer and "
         "predicts the likeliest (accuracy, macro_f1; max_examples rows), `generate` parses free answers "
         "(generated_accuracy, generated_macro_f1, unknown_rate; `generations` rows), `both` reports both.",

@@ -132,15 +132,24 @@ def choice_scores(
     model: torch.nn.Module, choices: list[list[Tokenized]], pad_id: int, batch_size: int = 16
 ) -> list[list[ChoiceScore]]:
     """`choice_logps` with token counts and greedy hits (not for prompt learning): `batch_size` examples at a
-    time, their prompts left-padded into one forward pass, then all their candidates' own tokens in a second."""
+    time, their prompts left-padded into one forward pass, then all their candidates' own tokens in a second.
+
+    Two savings, since a classification prompt is mostly the same system text and a short input: the prefix every
+    example shares runs once per batch (its cache is repeated, not recomputed), and examples are batched in order
+    of prompt length, so a batch pads to a similar length rather than to the longest prompt of the data."""
     model.eval()
-    scores: list[list[ChoiceScore]] = []
+    shared = [_unscored_prefix(g) for g in choices]
+    common = _common_prefix(choices, limit=min(shared, default=1) - 1)  # each example keeps >= 1 prompt token
+    order = sorted(range(len(choices)), key=shared.__getitem__)
+    scores: dict[int, list[ChoiceScore]] = {}
     with phase("scoring", len(choices), "examples") as shown:
-        for start in range(0, len(choices), batch_size):
-            groups = choices[start : start + batch_size]
-            scores.extend(_shared_prompt_scores(model, groups, pad_id))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            groups = [choices[i] for i in batch]
+            found = _shared_prompt_scores(model, groups, [shared[i] for i in batch], common, pad_id)
+            scores.update(zip(batch, found, strict=True))
             shown.advance(len(groups))
-    return scores
+    return [scores[i] for i in range(len(choices))]
 
 
 def loss_metrics_of(scores: list[ChoiceScore]) -> dict[str, float]:
@@ -152,17 +161,28 @@ def loss_metrics_of(scores: list[ChoiceScore]) -> dict[str, float]:
 
 
 def _shared_prompt_scores(
-    model: torch.nn.Module, groups: list[list[Tokenized]], pad_id: int
+    model: torch.nn.Module, groups: list[list[Tokenized]], shared: list[int], common: int, pad_id: int
 ) -> list[list[ChoiceScore]]:
-    shared = [_unscored_prefix(g) for g in groups]
-    width = max(shared)
-    prompt_ids = torch.tensor(
-        [[pad_id] * (width - n) + g[0].input_ids[:n] for g, n in zip(groups, shared, strict=True)]
-    )
-    prompt_mask = torch.tensor([[0] * (width - n) + [1] * n for n in shared])
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    """Scores of a batch of examples: the data's common prefix (`common` tokens) once, the rest of each prompt
+    (up to `shared[b]`) left-padded after it, then every candidate's own tokens from the repeated cache."""
+    cache = None
+    if common:
+        head = groups[0][0].input_ids[:common]
+        cache = model(input_ids=torch.tensor([head]), use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(groups))
+    width = max(shared) - common
+    rests = [g[0].input_ids[common:n] for g, n in zip(groups, shared, strict=True)]
+    prompt_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rests])
+    # The padding sits between the common prefix and each prompt's rest: masked out, and the positions skip it.
+    prompt_mask = torch.tensor([[1] * common + [0] * (width - len(r)) + [1] * len(r) for r in rests])
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)[:, common:]
     prompt = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     first = prompt.logits[:, -1].float().log_softmax(-1)  # predicts each candidate's first own token
     # Every example gets as many candidate rows as the largest group (a short group repeats its last one), so the
@@ -183,6 +203,18 @@ def _shared_prompt_scores(
     logps = logits.float().log_softmax(-1)
     scored = [_score(t, shared[b], first[b], logps[i]) for i, (b, t) in enumerate(cands)]
     return [scored[b * per : b * per + len(g)] for b, g in enumerate(groups)]
+
+
+def _common_prefix(choices: list[list[Tokenized]], limit: int) -> int:
+    """How many leading tokens every candidate of every example shares (at most `limit`)."""
+    sequences = [t.input_ids for group in choices for t in group]
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = 0
+    while n < min(limit, len(first)) and all(len(s) > n and s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 def _score(tok: Tokenized, shared: int, first: torch.Tensor, tail: torch.Tensor) -> ChoiceScore:
