@@ -1,9 +1,13 @@
 """End to end with the official `openai` client against a live `tunelab service` on loopback (SQLite, and
 PostgreSQL when TUNELAB_TEST_POSTGRES_URL is set): the whole job flow on the tiny model, cancel, pause/resume,
-a worker SIGKILLed mid-job, a service restart mid-job, and bad files."""
+a worker SIGKILLed mid-job, a service restart mid-job, and bad files.
+
+The same suite runs with `--executor ray` (on SQLite): jobs then run as Ray tasks on a two-node local Ray cluster
+(1 CPU per node, through Ray's own test helper), and the killed worker is the Ray worker process running the job."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
 from openai import OpenAI
 from openai.types.fine_tuning import FineTuningJob
@@ -25,6 +30,7 @@ from service_support import (
     NO_EVAL,
     LiveService,
     chat_file,
+    free_port,
     live_service,
     postgres_schema_url,
     wait_for,
@@ -47,6 +53,7 @@ SEED = 11
 class Live:
     service: LiveService
     database: str | None
+    extra: tuple[str, ...]  # the service's executor options
     store: Store
     client: OpenAI
     other: OpenAI  # another project's key
@@ -97,20 +104,47 @@ def _database(kind: str, name: str) -> str | None:
 
 
 @contextmanager
-def _live(tmp: Path, tiny_llama_dir: Path, database: str | None) -> Iterator[Live]:
-    with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, database) as service:
+def _live(tmp: Path, tiny_llama_dir: Path, database: str | None, extra: tuple[str, ...] = ()) -> Iterator[Live]:
+    with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, database, extra=extra) as service:
         store = Store(database or f"sqlite:///{service.data_dir / 'service.db'}", pool_size=2)
         keys = [_key(service.data_dir, database, name) for name in ("e2e", "other")]
         clients = [OpenAI(base_url=service.url, api_key=key, max_retries=0) for key in keys]
-        yield Live(service, database, store, *clients, chat_file(tmp / "train.jsonl"))
+        yield Live(service, database, extra, store, *clients, chat_file(tmp / "train.jsonl"))
         store.close()
 
 
-@pytest.fixture(scope="module", params=DATABASES)
+RAY = pytest.param(
+    "ray",
+    id="ray-sqlite",
+    marks=pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed"),
+)
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """Two Ray nodes of one CPU each (as tests/test_ray.py): the two job slots land one per node."""
+    from ray import cluster_utils
+
+    port = free_port()  # not Ray's default 6379: another cluster on this machine may hold it
+    head = {"num_cpus": 1, "include_dashboard": False, "port": port}
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield str(cluster.address)
+    finally:
+        cluster.shutdown()  # ends the processes this cluster started, and only those
+
+
+@pytest.fixture(scope="module", params=[*DATABASES, RAY])
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 ) -> Iterator[Live]:
-    with _live(tmp_path_factory.mktemp(request.param), tiny_llama_dir, _database(request.param, "e2e")) as found:
+    kind, extra = request.param, ()
+    if kind == "ray":
+        kind, extra = "sqlite", ("--executor", "ray", "--ray-address", request.getfixturevalue("ray_address"))
+    tmp = tmp_path_factory.mktemp(request.param)
+    with _live(tmp, tiny_llama_dir, _database(kind, "e2e"), extra) as found:
         yield found
 
 
@@ -259,15 +293,28 @@ def _same_as_uninterrupted(live: Live, job_id: str, reference: Reference) -> Non
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference: Reference) -> None:
     job = live.job(LONG, seed=SEED)
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
-    running = live.store.jobs.by_id(job.id)
-    assert running is not None and running.lease_owner
-    os.kill(int(running.lease_owner.rsplit("-", 1)[1]), signal.SIGKILL)
+    os.kill(_worker_pid(live, job.id), signal.SIGKILL)
     live.wait(job.id, lambda j: j.status == "succeeded")
     messages = live.messages(job.id)
     assert any(m.startswith("Worker lost; the job is queued again") for m in messages)
     resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
     assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
     _same_as_uninterrupted(live, job.id, reference)
+
+
+def _worker_pid(live: Live, job_id: str) -> int:
+    """The process running the job: a local worker's id ends with its pid; a Ray task says where it runs in its
+    start event (a Ray worker process, started by the cluster's raylet, not by the service)."""
+    running = live.store.jobs.by_id(job_id)
+    assert running is not None and running.lease_owner
+    if not live.extra:
+        return int(running.lease_owner.rsplit("-", 1)[1])
+    events = live.client.fine_tuning.jobs.list_events(job_id, limit=1000)
+    started = [e.data for e in events if isinstance(e.data, dict) and e.data.get("worker") == running.lease_owner]
+    assert started, "no start event from the running task"
+    pid = int(started[0]["pid"])
+    assert psutil.Process(pid).cmdline()[0].startswith("ray::"), psutil.Process(pid).cmdline()
+    return pid
 
 
 BROKEN = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n'
@@ -296,7 +343,7 @@ def test_restart_loses_nothing_and_the_job_resumes(live: Live, tiny_llama_dir: P
     assert live.service.stop() == 0  # the worker checkpoints and queues the job again before the service exits
     stored = live.store.jobs.by_id(job.id)
     assert stored is not None and stored.status == "queued"
-    with live_service(live.service.data_dir, {"tiny": tiny_llama_dir}, live.database) as service:
+    with live_service(live.service.data_dir, {"tiny": tiny_llama_dir}, live.database, extra=live.extra) as service:
         again = OpenAI(base_url=service.url, api_key=live.client.api_key, max_retries=0)
         wait_for(lambda: again.fine_tuning.jobs.retrieve(job.id).status == "succeeded", 120)
         after = _snapshot(again, job.id)
