@@ -30,7 +30,6 @@ from service_support import (
     NO_EVAL,
     LiveService,
     chat_file,
-    free_port,
     live_service,
     postgres_schema_url,
     wait_for,
@@ -125,8 +124,7 @@ def ray_address() -> Iterator[str]:
     """Two Ray nodes of one CPU each (as tests/test_ray.py): the two job slots land one per node."""
     from ray import cluster_utils
 
-    port = free_port()  # not Ray's default 6379: another cluster on this machine may hold it
-    head = {"num_cpus": 1, "include_dashboard": False, "port": port}
+    head = {"num_cpus": 1, "include_dashboard": False}
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
     try:
         cluster.add_node(num_cpus=1)

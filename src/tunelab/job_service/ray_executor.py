@@ -182,9 +182,13 @@ def run_task(settings_json: str, worker_id: str, job_id: str) -> str:
 @contextmanager
 def _stop_signals(worker: Worker) -> Iterator[None]:
     """The worker stops its training loop with a SIGINT to its own process. A Ray task runs on its worker process's
-    main thread, so the loop's handler works there; outside the loop the worker's own handler defers it."""
+    main thread, so the loop's handler works there, but Ray blocks SIGINT in its workers (measured with Ray 2.60:
+    the signal never arrives): unblock it for the job, which also reaches the monitor thread started after this.
+    Outside the loop the worker's own handler defers the signal."""
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     previous = signal.signal(signal.SIGINT, worker.on_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
