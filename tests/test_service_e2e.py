@@ -20,8 +20,10 @@ from typing import Any
 import openai
 import psutil
 import pytest
+import torch
 from openai import OpenAI
 from openai.types.fine_tuning import FineTuningJob
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from service_support import (
@@ -36,6 +38,7 @@ from service_support import (
 )
 from tunelab.job_service.cli import app as service_cli
 from tunelab.job_service.store import Store
+from tunelab.layout import RunLayout
 
 # Long enough (200 steps, ~5 s) that a pause or a kill lands mid-job; same seed, so an interrupted run must agree
 # with an uninterrupted one (the `reference` fixture) step by step.
@@ -286,6 +289,15 @@ def _same_as_uninterrupted(live: Live, job_id: str, reference: Reference) -> Non
     expected = reference.losses()
     differ = {s: (losses[s], expected[s]) for s in expected if abs(losses[s] - expected[s]) > 1e-5}
     assert not differ, f"{len(differ)} steps differ from the uninterrupted run, e.g. {list(differ.items())[:3]}"
+    ours, theirs = _adapter(live, job_id), _adapter(live, reference.job_id)
+    assert ours.keys() == theirs.keys() and ours
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5, "the final adapters differ"
+
+
+def _adapter(live: Live, job_id: str) -> dict[str, torch.Tensor]:
+    job = live.store.jobs.by_id(job_id)
+    assert job is not None
+    return load_file(str(RunLayout(Path(job.spec["output_dir"])).adapter / "adapter_model.safetensors"))
 
 
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference: Reference) -> None:
@@ -298,6 +310,34 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference
     resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
     assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
     _same_as_uninterrupted(live, job.id, reference)
+
+
+def test_a_job_reserves_the_resources_it_asks_for(live: Live) -> None:
+    """`tunelab.resources` is checked and kept with the job. On Ray it is what the job's task reserves: a job asking
+    for more CPUs than any node has (1 each here) stays queued, holding no lease, while a later job runs beside it,
+    and cancelling it frees its slot."""
+    uploaded = live.client.files.create(file=live.train.open("rb"), purpose="fine-tune")
+    body: dict[str, Any] = {"spec": {**FAST, **NO_EVAL}, "resources": {"cpus": 0}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        live.client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={"tunelab": body})
+    assert caught.value.param == "tunelab.resources.cpus", caught.value.message
+    body["resources"] = {"cpus": 2}
+    big = live.client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={"tunelab": body})
+    assert big.tunelab["resources"] == {"cpus": 2.0}  # type: ignore[attr-defined]
+    if not live.extra:
+        live.wait(big.id, lambda j: j.status == "succeeded")  # local workers take what their process has
+        return
+    small = live.job()
+    assert live.wait(small.id, lambda j: j.status in ("succeeded", "failed")).status == "succeeded"
+    waiting = live.store.jobs.by_id(big.id)
+    assert waiting is not None and waiting.status == "queued" and waiting.lease_owner is None
+    live.client.fine_tuning.jobs.cancel(big.id)
+    live.wait(big.id, lambda j: j.status == "cancelled")
+    both = [live.job({**LONG, "train": {**LONG["train"], "max_steps": 5000}}) for _ in range(2)]
+    wait_for(lambda: all(live.client.fine_tuning.jobs.retrieve(j.id).status == "running" for j in both))
+    for job in both:  # both ran at once: the cancelled job's slot is free again
+        live.client.fine_tuning.jobs.cancel(job.id)
+        live.wait(job.id, lambda j: j.status == "cancelled")
 
 
 def _worker_pid(live: Live, job_id: str) -> int:

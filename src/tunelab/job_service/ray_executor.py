@@ -94,7 +94,8 @@ class RayExecutor:
                 return None
             worker_id = f"ray-{name}-{uuid.uuid4().hex[:8]}"
             options = job_resources(self.settings, job)
-            ref = self._task.options(**options).remote(self.settings.model_dump_json(), worker_id, job.id)
+            settings = self.settings.model_dump_json()
+            ref = self._task.options(**options).remote(settings, worker_id, job.id, options["num_cpus"])
             self._dispatched[name] = Dispatch(job.id, worker_id, ref)
             return self._dispatched[name]
 
@@ -117,12 +118,14 @@ class RayExecutor:
             if ready:
                 self.ray.get(dispatch.ref)
                 return
-            if self._stopping.is_set() and not self._claimed(dispatch):
-                return  # still waiting for resources: leaving the cluster drops it (stop() expires a late claim)
-
-    def _claimed(self, dispatch: Dispatch) -> bool:
-        job = self.store.jobs.by_id(dispatch.job_id)
-        return job is not None and job.lease_owner == dispatch.worker_id
+            job = self.store.jobs.by_id(dispatch.job_id)
+            if job is not None and job.lease_owner == dispatch.worker_id:
+                continue  # running: it ends by itself, and a stop reaches it through the database
+            if self._stopping.is_set() or job is None or job.status != "queued":
+                # Still waiting for resources, and no longer wanted (stopping, cancelled or paused meanwhile): drop
+                # it. Should it claim the job right now, its lease is expired at once (see _run).
+                self.ray.cancel(dispatch.ref)
+                return
 
     # Stopping.
 
@@ -151,14 +154,19 @@ class RayExecutor:
 
 
 def job_resources(settings: ServiceSettings, job: JobRow) -> dict[str, Any]:
-    """Ray task options for `job`: the service's per-job defaults."""
-    options: dict[str, Any] = {"num_cpus": settings.ray_cpus_per_job, "num_gpus": settings.ray_gpus_per_job}
-    if settings.ray_memory_mb_per_job:
-        options["memory"] = settings.ray_memory_mb_per_job * 2**20
+    """Ray task options for `job`: its request's `tunelab.resources`, else the service's per-job defaults."""
+    asked = job.resources or {}
+    options: dict[str, Any] = {
+        "num_cpus": asked.get("cpus", settings.ray_cpus_per_job),
+        "num_gpus": asked.get("gpus", settings.ray_gpus_per_job),
+    }
+    memory_mb = asked.get("memory_mb", settings.ray_memory_mb_per_job)
+    if memory_mb:
+        options["memory"] = memory_mb * 2**20
     return options
 
 
-def run_task(settings_json: str, worker_id: str, job_id: str) -> str:
+def run_task(settings_json: str, worker_id: str, job_id: str, cpus: float) -> str:
     """The Ray task: claim `job_id` as `worker_id` and run it as a local worker would. Returns what happened."""
     import torch
 
@@ -170,7 +178,7 @@ def run_task(settings_json: str, worker_id: str, job_id: str) -> str:
         job = store.leases.claim(worker_id, settings.lease_s, job_id=job_id)
         if job is None:
             return "not queued any more"  # cancelled, or paused, while the task waited for resources
-        torch.set_num_threads(max(1, int(settings.ray_cpus_per_job)))
+        torch.set_num_threads(max(1, int(cpus)))  # the job's share of its node, as Ray reserved it
         worker = Worker(settings, worker_id, store=store)
         with _stop_signals(worker):
             worker.run_one(job)
