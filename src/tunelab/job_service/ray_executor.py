@@ -118,7 +118,10 @@ class RayExecutor:
             if ready:
                 self.ray.get(dispatch.ref)
                 return
-            job = self.store.jobs.by_id(dispatch.job_id)
+            try:
+                job = self.store.jobs.by_id(dispatch.job_id)
+            except Exception:  # a database hiccup: keep following the task, which is what holds the job
+                continue
             if job is not None and job.lease_owner == dispatch.worker_id:
                 continue  # running: it ends by itself, and a stop reaches it through the database
             if self._stopping.is_set() or job is None or job.status != "queued":
