@@ -100,10 +100,12 @@ class RayExecutor:
             return self._dispatched[name]
 
     def _run(self, name: str, dispatch: Dispatch) -> None:
+        lost = False
         try:
             self._wait(dispatch)
         except self.ray.exceptions.RayError as exc:  # the task's worker or node died (or the task raised)
-            self.console.print(f"[yellow]Ray task {dispatch.worker_id} lost: {type(exc).__name__}[/]")
+            lost = True
+            self.console.print(f"[yellow]Ray task {dispatch.worker_id} lost: {type(exc).__name__}: {exc}[/]")
         finally:
             with self._lock:
                 del self._dispatched[name]
@@ -111,6 +113,8 @@ class RayExecutor:
         requeued = self.store.leases.expire(self.settings.max_attempts, owner=dispatch.worker_id)
         if requeued:
             self.console.print(f"[yellow]job {', '.join(requeued)} re-queued (its Ray task was lost)[/]")
+        if lost:
+            self._stopping.wait(self.settings.poll_s)  # a task that cannot start at all must not be resubmitted hot
 
     def _wait(self, dispatch: Dispatch) -> None:
         while True:
