@@ -67,7 +67,7 @@ def service(
     database: DatabaseOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(min=0, help="Worker processes (jobs trained at once).")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Jobs trained at once (worker processes, or Ray tasks).")] = 1,
     model: Annotated[
         list[str] | None, typer.Option("--model", help="A base model jobs may use besides 'embedded': NAME=PATH.")
     ] = None,
