@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,10 +99,14 @@ class LiveService:
 
 @contextmanager
 def live_service(
-    data_dir: Path, models: dict[str, Path], database: str | None = None, workers: int = 2
+    data_dir: Path,
+    models: dict[str, Path],
+    database: str | None = None,
+    workers: int = 2,
+    extra: Sequence[str] = (),
 ) -> Iterator[LiveService]:
     """`tunelab service` in a subprocess on a free loopback port, stopped (SIGTERM) at the end. Two workers: when
-    a test kills one, the other takes the job over at once."""
+    a test kills one, the other takes the job over at once. `extra`: more options (e.g. `--executor ray`)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "tunelab.job_service.cli", "--data-dir", str(data_dir), "--port", str(port)]
@@ -112,6 +116,7 @@ def live_service(
         command += ["--model", f"{name}={path}"]
     if database:
         command += ["--database", database]
+    command += extra
     log = data_dir / f"service-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

@@ -118,6 +118,18 @@ def test_a_missing_postgres_driver_names_the_postgres_extra(monkeypatch: pytest.
     assert "pip install 'tunelab[postgres]'" in result.output
 
 
+def test_the_service_on_ray_names_the_ray_extra_and_its_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # an install without the ray extra
+    base = ["service", "--data-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*base, "--executor", "ray"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "tunelab service --executor ray needs ray" in result.output
+    assert "pip install 'tunelab[ray]'" in result.output
+    result = CliRunner().invoke(app, [*base, "--ray-address", "10.0.0.1:6379"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "--ray-address needs --executor ray" in " ".join(result.output.split())
+
+
 def test_optional_import_returns_the_module_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert optional_import("json", "qlora", "x") is json
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)

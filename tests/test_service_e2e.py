@@ -1,9 +1,13 @@
 """End to end with the official `openai` client against a live `tunelab service` on loopback (SQLite, and
 PostgreSQL when TUNELAB_TEST_POSTGRES_URL is set): the whole job flow on the tiny model, cancel, pause/resume,
-a worker SIGKILLed mid-job, a service restart mid-job, and bad files."""
+a worker SIGKILLed mid-job, a service restart mid-job, and bad files.
+
+The same suite runs with `--executor ray` (on SQLite): jobs then run as Ray tasks on a two-node local Ray cluster
+(1 CPU per node, through Ray's own test helper), and the killed worker is the Ray worker process running the job."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
+import torch
 from openai import OpenAI
 from openai.types.fine_tuning import FineTuningJob
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from service_support import (
@@ -31,6 +38,7 @@ from service_support import (
 )
 from tunelab.job_service.cli import app as service_cli
 from tunelab.job_service.store import Store
+from tunelab.layout import RunLayout
 
 # Long enough (200 steps, ~5 s) that a pause or a kill lands mid-job; same seed, so an interrupted run must agree
 # with an uninterrupted one (the `reference` fixture) step by step.
@@ -47,6 +55,7 @@ SEED = 11
 class Live:
     service: LiveService
     database: str | None
+    extra: tuple[str, ...]  # the service's executor options
     store: Store
     client: OpenAI
     other: OpenAI  # another project's key
@@ -97,20 +106,46 @@ def _database(kind: str, name: str) -> str | None:
 
 
 @contextmanager
-def _live(tmp: Path, tiny_llama_dir: Path, database: str | None) -> Iterator[Live]:
-    with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, database) as service:
+def _live(tmp: Path, tiny_llama_dir: Path, database: str | None, extra: tuple[str, ...] = ()) -> Iterator[Live]:
+    with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, database, extra=extra) as service:
         store = Store(database or f"sqlite:///{service.data_dir / 'service.db'}", pool_size=2)
         keys = [_key(service.data_dir, database, name) for name in ("e2e", "other")]
         clients = [OpenAI(base_url=service.url, api_key=key, max_retries=0) for key in keys]
-        yield Live(service, database, store, *clients, chat_file(tmp / "train.jsonl"))
+        yield Live(service, database, extra, store, *clients, chat_file(tmp / "train.jsonl"))
         store.close()
 
 
-@pytest.fixture(scope="module", params=DATABASES)
+RAY = pytest.param(
+    "ray",
+    id="ray-sqlite",
+    marks=pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed"),
+)
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """Two Ray nodes of one CPU each (as tests/test_ray.py): the two job slots land one per node."""
+    from ray import cluster_utils
+
+    head = {"num_cpus": 1, "include_dashboard": False}
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield str(cluster.address)
+    finally:
+        cluster.shutdown()  # ends the processes this cluster started, and only those
+
+
+@pytest.fixture(scope="module", params=[*DATABASES, RAY])
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 ) -> Iterator[Live]:
-    with _live(tmp_path_factory.mktemp(request.param), tiny_llama_dir, _database(request.param, "e2e")) as found:
+    kind, extra = request.param, ()
+    if kind == "ray":
+        kind, extra = "sqlite", ("--executor", "ray", "--ray-address", request.getfixturevalue("ray_address"))
+    tmp = tmp_path_factory.mktemp(request.param)
+    with _live(tmp, tiny_llama_dir, _database(kind, "e2e"), extra) as found:
         yield found
 
 
@@ -254,20 +289,70 @@ def _same_as_uninterrupted(live: Live, job_id: str, reference: Reference) -> Non
     expected = reference.losses()
     differ = {s: (losses[s], expected[s]) for s in expected if abs(losses[s] - expected[s]) > 1e-5}
     assert not differ, f"{len(differ)} steps differ from the uninterrupted run, e.g. {list(differ.items())[:3]}"
+    ours, theirs = _adapter(live, job_id), _adapter(live, reference.job_id)
+    assert ours.keys() == theirs.keys() and ours
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5, "the final adapters differ"
+
+
+def _adapter(live: Live, job_id: str) -> dict[str, torch.Tensor]:
+    job = live.store.jobs.by_id(job_id)
+    assert job is not None
+    return load_file(str(RunLayout(Path(job.spec["output_dir"])).adapter / "adapter_model.safetensors"))
 
 
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference: Reference) -> None:
     job = live.job(LONG, seed=SEED)
     live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
-    running = live.store.jobs.by_id(job.id)
-    assert running is not None and running.lease_owner
-    os.kill(int(running.lease_owner.rsplit("-", 1)[1]), signal.SIGKILL)
+    os.kill(_worker_pid(live, job.id), signal.SIGKILL)
     live.wait(job.id, lambda j: j.status == "succeeded")
     messages = live.messages(job.id)
     assert any(m.startswith("Worker lost; the job is queued again") for m in messages)
     resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
     assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
     _same_as_uninterrupted(live, job.id, reference)
+
+
+def test_a_job_reserves_the_resources_it_asks_for(live: Live) -> None:
+    """`tunelab.resources` is checked and kept with the job. On Ray it is what the job's task reserves: a job asking
+    for more CPUs than any node has (1 each here) stays queued, holding no lease, while a later job runs beside it,
+    and cancelling it frees its slot."""
+    uploaded = live.client.files.create(file=live.train.open("rb"), purpose="fine-tune")
+    body: dict[str, Any] = {"spec": {**FAST, **NO_EVAL}, "resources": {"cpus": 0}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        live.client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={"tunelab": body})
+    assert caught.value.param == "tunelab.resources.cpus", caught.value.message
+    body["resources"] = {"cpus": 2}
+    big = live.client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={"tunelab": body})
+    assert big.tunelab["resources"] == {"cpus": 2.0}  # type: ignore[attr-defined]
+    if not live.extra:
+        live.wait(big.id, lambda j: j.status == "succeeded")  # local workers take what their process has
+        return
+    small = live.job()
+    assert live.wait(small.id, lambda j: j.status in ("succeeded", "failed")).status == "succeeded"
+    waiting = live.store.jobs.by_id(big.id)
+    assert waiting is not None and waiting.status == "queued" and waiting.lease_owner is None
+    live.client.fine_tuning.jobs.cancel(big.id)
+    live.wait(big.id, lambda j: j.status == "cancelled")
+    both = [live.job({**LONG, "train": {**LONG["train"], "max_steps": 5000}}) for _ in range(2)]
+    wait_for(lambda: all(live.client.fine_tuning.jobs.retrieve(j.id).status == "running" for j in both))
+    for job in both:  # both ran at once: the cancelled job's slot is free again
+        live.client.fine_tuning.jobs.cancel(job.id)
+        live.wait(job.id, lambda j: j.status == "cancelled")
+
+
+def _worker_pid(live: Live, job_id: str) -> int:
+    """The process running the job: a local worker's id ends with its pid; a Ray task says where it runs in its
+    start event (a Ray worker process, started by the cluster's raylet, not by the service)."""
+    running = live.store.jobs.by_id(job_id)
+    assert running is not None and running.lease_owner
+    if not live.extra:
+        return int(running.lease_owner.rsplit("-", 1)[1])
+    events = live.client.fine_tuning.jobs.list_events(job_id, limit=1000)
+    started = [e.data for e in events if isinstance(e.data, dict) and e.data.get("worker") == running.lease_owner]
+    assert started, "no start event from the running task"
+    pid = int(started[0]["pid"])
+    assert psutil.Process(pid).cmdline()[0].startswith("ray::"), psutil.Process(pid).cmdline()
+    return pid
 
 
 BROKEN = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n'
@@ -296,7 +381,7 @@ def test_restart_loses_nothing_and_the_job_resumes(live: Live, tiny_llama_dir: P
     assert live.service.stop() == 0  # the worker checkpoints and queues the job again before the service exits
     stored = live.store.jobs.by_id(job.id)
     assert stored is not None and stored.status == "queued"
-    with live_service(live.service.data_dir, {"tiny": tiny_llama_dir}, live.database) as service:
+    with live_service(live.service.data_dir, {"tiny": tiny_llama_dir}, live.database, extra=live.extra) as service:
         again = OpenAI(base_url=service.url, api_key=live.client.api_key, max_retries=0)
         wait_for(lambda: again.fine_tuning.jobs.retrieve(job.id).status == "succeeded", 120)
         after = _snapshot(again, job.id)

@@ -119,6 +119,23 @@ def test_heartbeat_renews_reports_control_and_detects_a_lost_lease(store: Store)
     assert paused is not None and paused.status == "paused" and paused.last_step == 3
 
 
+def test_a_ray_task_claims_its_own_job_and_is_asked_to_stop_through_the_database(store: Store) -> None:
+    """What the Ray executor relies on: a task claims the job it was submitted for, not the oldest one; a stop
+    request reaches only that task's job, and never replaces a pending cancel."""
+    first, second = _job(store, "p"), _job(store, "p")
+    assert [j.id for j in store.leases.queued(5)] == [first.id, second.id]
+    claimed = store.leases.claim("ray-s1-a", 30, job_id=second.id)
+    assert claimed is not None and claimed.id == second.id
+    assert store.leases.claim("ray-s0-b", 30, job_id=second.id) is None  # taken: never twice at once
+    assert [j.id for j in store.leases.queued(5)] == [first.id]
+    assert store.leases.claim("ray-s0-b", 30, job_id=first.id) is not None
+    assert store.jobs.request_control(first.id, "cancel", Event("cancel requested"))
+    assert store.leases.request_shutdown("ray-s1-a") and not store.leases.request_shutdown("ray-s0-b")
+    assert store.leases.heartbeat(second.id, "ray-s1-a", 30, Progress()) == (True, "shutdown")
+    assert store.leases.heartbeat(first.id, "ray-s0-b", 30, Progress()) == (True, "cancel")
+    assert not store.leases.request_shutdown("nobody")
+
+
 def test_release_is_only_for_the_lease_holder(store: Store) -> None:
     job = _job(store, "p")
     store.leases.claim("w1", 30)

@@ -5,6 +5,7 @@ Mounted by the main CLI as a sub-app; also runnable alone as `python -m tunelab.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -29,6 +30,12 @@ app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 # soft_wrap: result lines stay one line whatever the terminal width, so scripts can grep them.
 out = Console(soft_wrap=True)
+
+
+class Executor(StrEnum):
+    local = "local"
+    ray = "ray"
+
 
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Files, job folders, logs and the SQLite database.")]
 DatabaseOpt = Annotated[
@@ -60,7 +67,7 @@ def service(
     database: DatabaseOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(min=0, help="Worker processes (jobs trained at once).")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Jobs trained at once (worker processes, or Ray tasks).")] = 1,
     model: Annotated[
         list[str] | None, typer.Option("--model", help="A base model jobs may use besides 'embedded': NAME=PATH.")
     ] = None,
@@ -74,11 +81,24 @@ def service(
         int | None, typer.Option(min=1, help="torch threads per worker and for chat (default: cores / (workers + 1)).")
     ] = None,
     stop_timeout: Annotated[float, typer.Option(help="Seconds a stopping worker gets to checkpoint.")] = 120.0,
+    executor: Annotated[
+        Executor, typer.Option(help="Where jobs run: local worker processes, or tasks on a Ray cluster.")
+    ] = Executor.local,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--executor ray: the cluster's address (default: a local cluster).")
+    ] = None,
+    ray_cpus_per_job: Annotated[float, typer.Option(help="--executor ray: CPUs each job reserves.")] = 1.0,
+    ray_gpus_per_job: Annotated[float, typer.Option(help="--executor ray: GPUs each job reserves.")] = 0.0,
+    ray_memory_mb_per_job: Annotated[
+        int | None, typer.Option(help="--executor ray: memory (MiB) each job reserves (default: none).")
+    ] = None,
 ) -> None:
     """Start the API and N workers (Ctrl-C stops them; running jobs are checkpointed and resume on restart)."""
     if ctx.invoked_subcommand is not None:
         return
-    _require_extras(database)
+    _require_extras(database, executor.value)
+    if executor is Executor.local and ray_address is not None:
+        raise typer.BadParameter("--ray-address needs --executor ray", param_hint="--ray-address")
     from tunelab.job_service.supervisor import serve
 
     settings = _settings(
@@ -95,6 +115,11 @@ def service(
         checkpoint_every=checkpoint_every,
         worker_nice=worker_nice,
         torch_threads=torch_threads,
+        executor=executor.value,
+        ray_address=ray_address,
+        ray_cpus_per_job=ray_cpus_per_job,
+        ray_gpus_per_job=ray_gpus_per_job,
+        ray_memory_mb_per_job=ray_memory_mb_per_job,
     )
     try:
         serve(settings, console, stop_timeout)
@@ -102,15 +127,17 @@ def service(
         _fail(exc)
 
 
-def _require_extras(database: str | None) -> None:
+def _require_extras(database: str | None, executor: str = "local") -> None:
     """The service's packages (an extra: the base install trains and serves without them) before anything imports
-    them, and psycopg for a PostgreSQL database."""
+    them, psycopg for a PostgreSQL database, and Ray for --executor ray."""
     from tunelab.extras import require
 
     try:
         require("service", "tunelab service")
         if database is not None and database.lower().startswith("postgres"):
             require("postgres", "a PostgreSQL database (--database postgresql://...)")
+        if executor == "ray":
+            require("ray", "tunelab service --executor ray")
     except TunelabError as exc:
         _fail(exc)
 

@@ -105,6 +105,8 @@ class JobRow(Base):
     last_step: Mapped[int] = mapped_column(Integer, default=0)  # the last step with a metrics event
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     keep_checkpoints: Mapped[int] = mapped_column(Integer, default=3)
+    # What the job reserves on a Ray cluster (`tunelab.resources`); None: the service's defaults.
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobMetadata(Base):

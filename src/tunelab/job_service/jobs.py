@@ -61,6 +61,7 @@ def create_job(settings: ServiceSettings, store: Store, project_id: str, req: Jo
         attempts=0,
         last_step=0,
         keep_checkpoints=keep,
+        resources=req.tunelab.resources.model_dump(exclude_none=True) if req.tunelab.resources else None,
     )
     files = train_file.id + (f" and validation file: {val_file.id}" if val_file else "")
     store.jobs.add(row, [Event(f"Validating training file: {files}")])

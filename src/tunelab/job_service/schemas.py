@@ -53,6 +53,15 @@ class MethodIn(_Request):
     reinforcement: dict[str, Any] | None = None
 
 
+class ResourcesIn(_Request):
+    """What one job reserves on a Ray cluster (`tunelab service --executor ray`); unset fields: the service's
+    defaults (--ray-cpus-per-job, --ray-gpus-per-job, --ray-memory-mb-per-job). Local workers ignore it."""
+
+    cpus: float | None = Field(None, gt=0, le=1024, description="CPUs (Ray num_cpus).")
+    gpus: float | None = Field(None, ge=0, le=64, description="GPUs (Ray num_gpus).")
+    memory_mb: int | None = Field(None, gt=0, description="Memory in MiB (Ray memory).")
+
+
 class TunelabOptions(_Request):
     """tunelab's extension of the job request (`extra_body={"tunelab": {...}}` with the openai client)."""
 
@@ -62,6 +71,7 @@ class TunelabOptions(_Request):
         default_factory=dict,
         description="Further JobSpec fields by section (method, task, train, checkpoints, eval), validated as in YAML.",
     )
+    resources: ResourcesIn | None = Field(None, description="What the job reserves on a Ray cluster.")
 
 
 class WandbIn(_Request):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -21,7 +22,14 @@ class ServiceSettings(BaseModel):
     )
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = Field(1, ge=0, description="Worker processes, each running one job at a time.")
+    workers: int = Field(1, ge=0, description="Jobs trained at once: local worker processes, or Ray tasks.")
+    executor: Literal["local", "ray"] = Field("local", description="Where jobs run: local worker processes, or Ray.")
+    ray_address: str | None = Field(None, description="The Ray cluster to join (default: start one on this machine).")
+    ray_cpus_per_job: float = Field(1.0, gt=0, description="CPUs a job reserves on the Ray cluster (its default).")
+    ray_gpus_per_job: float = Field(0.0, ge=0, description="GPUs a job reserves on the Ray cluster (its default).")
+    ray_memory_mb_per_job: int | None = Field(
+        None, gt=0, description="Memory (MiB) a job reserves on the Ray cluster (its default; none reserved unset)."
+    )
     max_file_bytes: int = Field(100 * 2**20, gt=0, description="Largest upload accepted.")
     max_line_bytes: int = Field(2**20, gt=0, description="Longest JSONL line accepted (one example).")
     min_examples: int = Field(10, gt=0, description="Fewest training examples a job accepts (OpenAI: 10).")

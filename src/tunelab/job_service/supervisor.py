@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import uvicorn
 from rich.console import Console
@@ -22,6 +22,9 @@ from rich.console import Console
 from tunelab.job_service.api import create_app
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Store
+
+if TYPE_CHECKING:
+    from tunelab.job_service.ray_executor import RayExecutor
 
 RESTART_DELAY_S = 2.0
 QUICK_DEATH_S = 10.0  # a worker that dies sooner than this after starting is restarted only after a delay
@@ -113,7 +116,7 @@ def serve(settings: ServiceSettings, console: Console, stop_timeout_s: float = 1
     store = Store(settings.database_url, pool_size=20)
     store.upgrade()
     (settings.data_dir / "service.json").write_text(json.dumps(_describe(settings), indent=1), encoding="utf-8")
-    supervisor = Supervisor(settings, store, console)
+    supervisor = _executor(settings, store, console)
     supervisor.start()
     console.print(f"tunelab service on http://{settings.host}:{settings.port}/v1 ({_db_label(settings)})")
     config = uvicorn.Config(
@@ -132,6 +135,14 @@ def serve(settings: ServiceSettings, console: Console, stop_timeout_s: float = 1
         store.close()
 
 
+def _executor(settings: ServiceSettings, store: Store, console: Console) -> Supervisor | RayExecutor:
+    if settings.executor == "ray":
+        from tunelab.job_service.ray_executor import RayExecutor
+
+        return RayExecutor(settings, store, console)
+    return Supervisor(settings, store, console)
+
+
 def _db_label(settings: ServiceSettings) -> str:
     url = settings.database_url
     return "SQLite " + url.removeprefix("sqlite:///") if url.startswith("sqlite") else url.split("@")[-1]
@@ -139,4 +150,5 @@ def _db_label(settings: ServiceSettings) -> str:
 
 def _describe(settings: ServiceSettings) -> dict[str, object]:
     """What is running, for people and tests (no secrets: the database password is left out)."""
-    return {"url": f"http://{settings.host}:{settings.port}/v1", "database": _db_label(settings), "pid": os.getpid()}
+    url = f"http://{settings.host}:{settings.port}/v1"
+    return {"url": url, "database": _db_label(settings), "pid": os.getpid(), "executor": settings.executor}

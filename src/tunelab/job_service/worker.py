@@ -73,7 +73,7 @@ class Worker:
 
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
-        signal.signal(signal.SIGINT, self._on_sigint_outside_loop)
+        signal.signal(signal.SIGINT, self.on_sigint)
         log.info("worker %s ready", self.id)
         while not self.stopping.is_set():
             if self._orphaned():
@@ -104,7 +104,8 @@ class Worker:
         self._stop_reason, self._absorbed_at, self._resent = None, None, False
         resume_from = latest_checkpoint(RunLayout(Path(spec.output_dir)).checkpoints)
         started = f"Resuming from checkpoint {resume_from.name}" if resume_from else "Fine-tuning job started"
-        self.store.jobs.add_events(job.id, [Event(started, data={"worker": self.id, "lost_workers": job.attempts})])
+        where = {"worker": self.id, "pid": os.getpid(), "lost_workers": job.attempts}
+        self.store.jobs.add_events(job.id, [Event(started, data=where)])
         event_log = EventLog(self.store, job.id, spec)
         console = Console(file=event_log, force_terminal=False, color_system=None, width=400)  # type: ignore[arg-type]
         summary: RunSummary | None = None
@@ -138,7 +139,7 @@ class Worker:
         if self._monitor is not None:
             os.kill(os.getpid(), signal.SIGINT)
 
-    def _on_sigint_outside_loop(self, signum: int, frame: FrameType | None) -> None:
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         # Outside the training loop (loading, evaluating, exporting) a SIGINT must not raise KeyboardInterrupt
         # in the middle of writing files; remember it, and repeat it once the loop runs (see _resend_if_absorbed).
         monitor = self._monitor

@@ -95,6 +95,7 @@ def _extension(row: JobRow, spec: dict[str, Any]) -> dict[str, Any]:
         "step": row.last_step,
         "total_steps": row.total_steps,
         "control": row.control,
+        "resources": row.resources,
     }
 
 

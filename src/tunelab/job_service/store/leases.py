@@ -33,10 +33,13 @@ class LeaseRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def claim(self, worker: str, lease_s: float) -> JobRow | None:
-        """The oldest queued job, leased to `worker`; None when the queue is empty. A claim is no loss: `attempts`
-        counts lost workers only (see expire), so pause/resume and graceful restarts cost no crash allowance."""
+    def claim(self, worker: str, lease_s: float, job_id: str | None = None) -> JobRow | None:
+        """The oldest queued job (or job `job_id`, if still queued), leased to `worker`; None when there is none. A
+        claim is no loss: `attempts` counts lost workers only (see expire), so pause/resume and graceful restarts
+        cost no crash allowance."""
         queued = select(JobRow.id).where(JobRow.status == "queued").order_by(JobRow.seq).limit(8)
+        if job_id is not None:
+            queued = queued.where(JobRow.id == job_id)
         with self.db.read() as s:  # idle workers poll: only take the write lock when there is something to claim
             if s.scalar(queued) is None:
                 return None
@@ -55,6 +58,21 @@ class LeaseRepository:
                 if done.rowcount:  # type: ignore[attr-defined]
                     return s.scalar(select(JobRow).where(JobRow.id == job_id))
         return None
+
+    def queued(self, limit: int) -> list[JobRow]:
+        """The oldest queued jobs, without claiming them (the Ray executor picks each job's resources first)."""
+        with self.db.read() as s:
+            stmt = select(JobRow).where(JobRow.status == "queued").order_by(JobRow.seq).limit(limit)
+            return list(s.scalars(stmt))
+
+    def request_shutdown(self, worker: str) -> bool:
+        """Ask `worker` to checkpoint its job and queue it again (a pending pause or cancel is kept: it also
+        checkpoints). For workers the service cannot signal, such as Ray tasks; their monitor reads it."""
+        with self.db.write() as s:
+            done = s.execute(
+                update(JobRow).where(*_held_by(worker), JobRow.control.is_(None)).values(control="shutdown")
+            )
+            return bool(done.rowcount)  # type: ignore[attr-defined]
 
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: Progress) -> tuple[bool, str | None]:
         """Renew the lease and record progress; returns (lease still held, pending control request)."""
@@ -123,6 +141,10 @@ def _lost_error(lost: int) -> dict[str, Any]:
     # A failed job always says why: clients read `error`, not the events.
     message = f"The worker running this job was lost {lost} time(s) (killed, or out of memory); the job failed."
     return {"code": "worker_lost", "message": message, "param": None}
+
+
+def _held_by(worker: str) -> tuple[Any, ...]:
+    return JobRow.lease_owner == worker, JobRow.status == "running"
 
 
 def _held(job_id: str, worker: str) -> tuple[Any, ...]:
