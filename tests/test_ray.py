@@ -18,25 +18,20 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from ray_cluster import two_nodes
 from test_distributed import LOSS_TOL, WEIGHT_TOL, _adapter, _losses, _spec, _train
 from tunelab.cli import app
 from tunelab.layout import RunLayout
 from tunelab.train.ray_executor import restarted
 
-cluster_utils = pytest.importorskip("ray.cluster_utils")
+pytest.importorskip("ray.cluster_utils")
 
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """Two Ray nodes of one CPU each: the two workers land one per node, as on two machines. Both bind this machine's
-    own address (Ray turns a client's 127.0.0.1 into that address, so a loopback-only cluster cannot be joined)."""
-    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        yield str(cluster.address)
-    finally:
-        cluster.shutdown()  # ends the processes this cluster started, and only those
+    """Two Ray nodes of one CPU each: the two workers land one per node, as on two machines."""
+    with two_nodes() as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

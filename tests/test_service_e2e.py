@@ -26,6 +26,7 @@ from openai.types.fine_tuning import FineTuningJob
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ray_cluster import two_nodes
 from service_support import (
     DATABASES,
     FAST,
@@ -125,16 +126,8 @@ RAY = pytest.param(
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """Two Ray nodes of one CPU each (as tests/test_ray.py): the two job slots land one per node."""
-    from ray import cluster_utils
-
-    head = {"num_cpus": 1, "include_dashboard": False}
-    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        yield str(cluster.address)
-    finally:
-        cluster.shutdown()  # ends the processes this cluster started, and only those
+    with two_nodes() as address:
+        yield address
 
 
 @pytest.fixture(scope="module", params=[*DATABASES, RAY])
