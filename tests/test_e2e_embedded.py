@@ -32,6 +32,8 @@ def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
         "--set",
         "train.max_steps=4",
         "--set",
+        "train.batch_size=2",  # 4 steps of 2 rows: the loss still falls, in a quarter of the time of 8 rows
+        "--set",
         "train.lr=1e-3",
         "--set",
         "eval.max_examples=12",

@@ -103,8 +103,8 @@ def test_deploy_walkthrough_runs_as_written(tmp_path: Path) -> None:
     shell, python = _walkthrough("## Deploy: ONNX export")
     train, export, generate, serve = shell[1:]  # shell[0] activates the .venv: PATH does that here
     env, port = _environment(tmp_path), free_port()
-    # The one change: 3 steps instead of the main job's full epoch (that job is the quick start's).
-    _run(f"{train} --set train.max_steps=3 --set eval.enabled=false", tmp_path, env)
+    # The one change: 3 steps of 2 rows instead of the main job's full epoch (that job is the quick start's).
+    _run(f"{train} --set train.max_steps=3 --set train.batch_size=2 --set eval.enabled=false", tmp_path, env)
     _run(export, tmp_path, env)
     assert (tmp_path / "runs/chat-lora/onnx-int4/genai_config.json").is_file()
     assert len(_run(generate, tmp_path, env).strip()) > 0
