@@ -2,8 +2,9 @@
 PostgreSQL when TUNELAB_TEST_POSTGRES_URL is set): the whole job flow on the tiny model, cancel, pause/resume,
 a worker SIGKILLed mid-job, a service restart mid-job, and bad files.
 
-The same suite runs with `--executor ray` (on SQLite): jobs then run as Ray tasks on a two-node local Ray cluster
-(1 CPU per node, through Ray's own test helper), and the killed worker is the Ray worker process running the job."""
+The same suite runs with `--executor ray` (on both databases): jobs then run as Ray tasks on a two-node local Ray
+cluster (1 CPU per node, through Ray's own test helper), and the killed worker is the Ray worker process running the
+job."""
 
 from __future__ import annotations
 
@@ -116,11 +117,9 @@ def _live(tmp: Path, tiny_llama_dir: Path, database: str | None, extra: tuple[st
         store.close()
 
 
-RAY = pytest.param(
-    "ray",
-    id="ray-sqlite",
-    marks=pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed"),
-)
+NO_RAY = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed")
+# The Ray executor on each database: the same parameters as DATABASES, prefixed "ray-".
+RAY = [pytest.param(f"ray-{d.values[0]}", id=f"ray-{d.id}", marks=[*d.marks, NO_RAY]) for d in DATABASES]
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +129,14 @@ def ray_address() -> Iterator[str]:
         yield address
 
 
-@pytest.fixture(scope="module", params=[*DATABASES, RAY])
+@pytest.fixture(scope="module", params=[*DATABASES, *RAY])
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 ) -> Iterator[Live]:
     kind, extra = request.param, ()
-    if kind == "ray":
-        kind, extra = "sqlite", ("--executor", "ray", "--ray-address", request.getfixturevalue("ray_address"))
+    if kind.startswith("ray-"):
+        address = request.getfixturevalue("ray_address")
+        kind, extra = kind.removeprefix("ray-"), ("--executor", "ray", "--ray-address", address)
     tmp = tmp_path_factory.mktemp(request.param)
     with _live(tmp, tiny_llama_dir, _database(kind, "e2e"), extra) as found:
         yield found
