@@ -1,17 +1,19 @@
 """Training throughput: tunelab vs TRL's SFTTrainer + PEFT on the same work, alternated in one run.
 
     .venv/bin/pip install -e '.[bench]'    # TRL, for the baseline only
-    .venv/bin/python bench/train_throughput.py [--model embedded] [--steps 12] [--rounds 2]
+    .venv/bin/python bench/train_throughput.py [--model embedded] [--steps 12] [--rounds 2] [--variants a,b]
 
 Same model, bundled chat data, LoRA (r=16, alpha 32, all seven projections), maximum length, batch, learning rate
 and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and packed
 (`packing=True`, padding-free), both with TRL's defaults (gradient checkpointing and bf16 autocast on), and at its
 fastest here ("trl-best": packed, no gradient checkpointing, fp32). tunelab runs as one process (PyTorch's threads
 over the cores) and as two single-threaded data-parallel processes (`tunelab train --nproc 2`, DDP; same global
-batch). The loss covers every token in all of them (TRL's default; tunelab with `task.train_on_prompt`), so final
-losses compare like with like. Each run is its own process (peak RSS is per process). Prints real tokens/s
-(padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and tunelab's model-FLOPs
-utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
+batch), and once more with the model's own loss over the full logits ("tunelab-full-logits",
+`train.chunked_loss: false`) to show what the chunked cross-entropy saves. The loss covers every token in all of
+them (TRL's default; tunelab with `task.train_on_prompt`), so final losses compare like with like. Each run is
+its own process (peak RSS is per process). Prints real tokens/s (padding excluded), the ratio tunelab/TRL, peak
+RSS, the last steps' mean loss, and tunelab's model-FLOPs utilisation against this machine's fp32 matmul FLOP/s
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/chat/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("tunelab", "tunelab-2proc", "trl-padded", "trl-packed", "trl-best")
+VARIANTS = ("tunelab", "tunelab-2proc", "tunelab-full-logits", "trl-padded", "trl-packed", "trl-best")
 LR = 5e-4
 
 
-def run_tunelab(model: str, steps: int, seq_len: int, batch: int, out: Path, nproc: int = 1) -> dict[str, float]:
+def run_tunelab(
+    model: str, steps: int, seq_len: int, batch: int, out: Path, nproc: int = 1, chunked: bool = True
+) -> dict[str, float]:
     """tunelab as users run it; with nproc 2, data-parallel (DDP) over 2 single-threaded processes, same global
-    batch (batch/2 rows per process), launched by `tunelab train --nproc 2`."""
+    batch (batch/2 rows per process), launched by `tunelab train --nproc 2`; `chunked=False`: the model's own
+    loss over the full logits instead of the chunked cross-entropy (train.chunked_loss)."""
     base = _tunelab_spec(model, steps, seq_len, batch, out)
+    base["train"]["chunked_loss"] = chunked
     if nproc == 1:
         from tunelab.config import load_spec
         from tunelab.recipe import run_job
@@ -128,7 +134,8 @@ class _StepTimer(TrainerCallback):
 def child(variant: str, model: str, steps: int, seq_len: int, batch: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if variant.startswith("tunelab"):
-            result = run_tunelab(model, steps, seq_len, batch, Path(tmp), 2 if variant == "tunelab-2proc" else 1)
+            nproc, chunked = (2 if variant == "tunelab-2proc" else 1), variant != "tunelab-full-logits"
+            result = run_tunelab(model, steps, seq_len, batch, Path(tmp), nproc, chunked)
         else:
             result = run_trl(model, steps, seq_len, batch, Path(tmp), variant)
     # Per process: the 2-process variant reports its largest worker.
@@ -159,8 +166,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (tunelab always runs)")
     parser.add_argument("--child", choices=VARIANTS)
     args = parser.parse_args()
+    chosen = ["tunelab", *(v for v in VARIANTS if v != "tunelab" and v in args.variants.split(","))]
     if args.child:
         child(args.child, args.model, args.steps, args.seq_len, args.batch)
         return
@@ -169,9 +178,9 @@ def main() -> None:
     if args.model == "tiny":
         args.model = _tiny_model()
     peak = measure_flops(2048, 4)
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in chosen}
     for round_ in range(args.rounds):
-        for variant in VARIANTS:  # alternated, so drift in machine load hits every variant alike
+        for variant in chosen:  # alternated, so drift in machine load hits every variant alike
             cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--steps", str(args.steps)]
             cmd += ["--seq-len", str(args.seq_len), "--batch", str(args.batch)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -187,15 +196,17 @@ def main() -> None:
 def _report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, peak: float, params: int) -> None:
     tps = {v: statistics.median(r["tokens"] / r["seconds"] for r in rs) for v, rs in runs.items()}
     print(f"\n{args.model}: LoRA r16, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds")
-    print(f"{'variant':14} {'tokens/s':>9} {'tunelab/x':>10} {'2proc/x':>8} {'peak RSS MiB':>13} {'final loss':>11}")
+    print(f"{'variant':19} {'tokens/s':>9} {'tunelab/x':>10} {'2proc/x':>8} {'peak RSS MiB':>13} {'final loss':>11}")
     for variant, rs in runs.items():
         loss = statistics.mean(statistics.mean(r["losses"][-3:]) for r in rs)  # last 3 steps: less noise
         rss = max(r["rss_mib"] for r in rs)
-        ratios = f"{tps['tunelab'] / tps[variant]:10.2f} {tps['tunelab-2proc'] / tps[variant]:8.2f}"
-        print(f"{variant:14} {tps[variant]:9.1f} {ratios} {rss:13.0f} {loss:11.4f}")
+        two = f"{tps['tunelab-2proc'] / tps[variant]:8.2f}" if "tunelab-2proc" in tps else f"{'-':>8}"
+        print(f"{variant:19} {tps[variant]:9.1f} {tps['tunelab'] / tps[variant]:10.2f} {two} {rss:13.0f} {loss:11.4f}")
     # LoRA: forward 2P + backward through activations 2P FLOPs per token (no weight gradients for the base).
     print(f"machine fp32 matmul (all cores): {peak / 1e9:.1f} GFLOP/s")
-    for variant in ("tunelab", "tunelab-2proc"):
+    for variant in ("tunelab", "tunelab-2proc")[: len(tps)]:
+        if variant not in tps:
+            continue
         achieved = 4 * params * tps[variant]
         print(f"{variant}: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% MFU")
 

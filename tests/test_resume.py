@@ -163,3 +163,43 @@ def test_gradient_checkpointing_computes_the_same_steps(
     with_checkpointing = losses(True)
     assert len(calls) == 4 * 2  # it is on: each of the 2 layers is checkpointed at each of the 4 steps
     assert with_checkpointing == pytest.approx(losses(False), abs=1e-5)
+
+
+@pytest.mark.parametrize(("available_gib", "expected"), [(1e-3, True), (1e3, False)])
+def test_gradient_checkpointing_auto_turns_on_only_when_memory_is_short(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, available_gib: float, expected: bool
+) -> None:
+    """The default (auto) asks `tunelab plan`'s estimate of the run without checkpointing against the memory the
+    process has: a machine with 1 MiB free gets it, one with 1,000 GiB does not; the log says which and why."""
+    import io
+
+    import transformers.modeling_utils as modeling
+    from rich.console import Console
+
+    import tunelab.recipe
+    from tunelab.config import load_spec
+    from tunelab.recipe import run_job
+
+    calls = []
+    original = modeling.checkpoint
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "checkpoint", counting)
+    monkeypatch.setattr(tunelab.recipe, "available_memory", lambda processes=1: available_gib * 2**30)
+    base = {
+        "model": {"name": str(tiny_llama_dir)},
+        "method": {"name": "lora", "r": 4, "dropout": 0.0},
+        "data": {"train": str(ROOT / "data/chat/train.jsonl"), "validation_split": 0.1},
+        "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 64},
+        "eval": {"enabled": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+    log = io.StringIO()
+    run_job(load_spec(None, base=base), console=Console(file=log, width=200))
+    assert len(calls) == (2 * 2 if expected else 0)
+    line = next(x for x in log.getvalue().splitlines() if x.startswith("activation checkpointing:"))
+    assert line.startswith(f"activation checkpointing: {'on' if expected else 'off'} (auto: plan ")
+    assert f"{available_gib:.1f} GiB available" in line

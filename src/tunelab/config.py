@@ -292,8 +292,15 @@ class TrainSpec(_Spec):
     # 4 rows: the main job's five points cost about 4 % of its training time (a forward pass of 4 rows is ~0.4 of a
     # step of 4; a step there is 8 rows).
     eval_rows: int = Field(4, gt=0, le=MAX_STEPS, description="Validation rows of each eval_every loss pass.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, about a third more compute."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward: less memory, about a third more compute. auto (the "
+        "default): on only when `tunelab plan`'s estimate for this run without it exceeds the memory available.",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Token cross-entropy a chunk of tokens at a time from the output layer's inputs, so the full "
+        "tokens x vocabulary logits and their gradient are never held (same loss; false: the model's own loss).",
     )
     global_batch_size: int | None = Field(
         None,

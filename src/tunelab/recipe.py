@@ -28,6 +28,7 @@ from tunelab.export.merge import save_adapter, save_merged
 from tunelab.layout import RunLayout, checkpoint_step
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, cache_dir, load_model, load_tokenizer, resolve
+from tunelab.plan import available_memory, checkpointing_needed, estimate, model_shape
 from tunelab.report import confusion_png, write_report
 from tunelab.report.run import details, read_metrics, scored_samples
 from tunelab.storage import RunMirror
@@ -130,7 +131,7 @@ def _run(
     barrier(world)  # the other processes wait for rank 0's evaluation
 
     # An objective that needs the untouched model (DPO's reference) sees it now, on every process.
-    objective = data.objective or CausalLM()
+    objective = data.objective or CausalLM(spec.train.chunked_loss)
     if data.objective is not None:
         console.print(f"scoring the {data.n_train_examples} training pairs with the reference (the model as loaded)")
     # Minutes on a CPU for a few thousand pairs: rank 0 shows the progress, as evaluation does.
@@ -139,10 +140,6 @@ def _run(
 
     # Method: wrap the model; report what trains.
     model = apply_method(model, spec.method)
-    if spec.train.gradient_checkpointing:
-        # Recompute each layer's activations in backward instead of keeping them: about a third more compute for
-        # a fraction of the activation memory. Non-reentrant: works with frozen inputs (adapters) as is.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     trainable, total = count_parameters(model)
     console.print(
         f"method: {spec.method.name} — trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
@@ -151,8 +148,15 @@ def _run(
 
     precision = choose_precision(spec.train.precision, model, world, cache_dir() / PRECISION_CACHE)
     console.print(f"precision: {precision.precision} ({precision.reason})")
+    checkpointing, why = _checkpointing(model, spec, precision.precision == "bf16")
+    console.print(f"activation checkpointing: {'on' if checkpointing else 'off'} ({why})")
+    if checkpointing:
+        # Recompute each layer's activations in backward instead of keeping them: about a third more compute for
+        # a fraction of the activation memory. Non-reentrant: works with frozen inputs (adapters) as is.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     # From here on the spec says what the run does (spec.yaml keeps what was asked, so a resume asks again).
-    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": precision.precision})})
+    answers = {"precision": precision.precision, "gradient_checkpointing": checkpointing}
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update=answers)})
     result = train(
         model,
         data.train_rows,
@@ -198,6 +202,33 @@ def _run(
     layout.summary.write_text(json.dumps(asdict(summary), indent=1, default=str), encoding="utf-8")
     finish_run_artefacts(out)  # portable base name in the adapter; model cards in adapter/ and merged/
     return summary
+
+
+def _checkpointing(model: torch.nn.Module, spec: JobSpec, bf16: bool) -> tuple[bool, str]:
+    """train.gradient_checkpointing, with auto answered by `tunelab plan`'s estimate of this run without it
+    against the memory this process has (its share of the machine's under a launch)."""
+    asked = spec.train.gradient_checkpointing
+    if asked != "auto":
+        return bool(asked), "as the spec says"
+    try:
+        shape = model_shape(model.config)  # type: ignore[arg-type]
+    except (ValueError, KeyError, AttributeError) as exc:  # an architecture transformers cannot build as a causal LM
+        return False, f"auto: no memory estimate for this architecture ({type(exc).__name__})"
+    dist = spec.distributed
+    without = estimate(
+        shape,
+        spec.method.name,
+        seq_len=spec.train.max_seq_len,
+        batch=spec.train.batch_size,
+        devices=current_world().size,
+        strategy="single" if dist.strategy == "none" else dist.strategy,
+        offload=dist.offload,
+        rank=spec.method.r,
+        bf16=bf16,
+        lora_dropout=spec.method.dropout,
+        chunked_loss=spec.train.chunked_loss,
+    )
+    return checkpointing_needed(without, available_memory(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _save_gathered(

@@ -107,7 +107,9 @@ def train(
     if train_spec.precision == "auto":  # `run_job` resolves it first, to report it; other callers get it here
         choice = choose_precision("auto", model, world, cache_dir() / PRECISION_CACHE)
         train_spec = train_spec.model_copy(update={"precision": choice.precision})
-    objective = objective or CausalLM()
+    if objective is None:
+        objective = CausalLM(train_spec.chunked_loss)
+        objective.setup(model, rows, pad_id, train_spec.batch_size)
     backend = make_backend(model, train_spec, dist_spec or DistributedSpec(), world)
     plan = make_plan(len(rows), train_spec, world.size)
     scheduler = get_scheduler(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tunelab.data.packing import Row, collate, loss_items
 from tunelab.data.render import IGNORE
+from tunelab.train.chunked_loss import chunked_cross_entropy, output_layer
 from tunelab.train.progress import phase
 
 Forward = Callable[[dict[str, Any], float], Any]  # an engine's forward: (model inputs, num_items) -> output
@@ -44,8 +45,18 @@ class Objective(Protocol):
 
 
 class CausalLM:
+    """The token cross-entropy. With `chunked` (and a model set up whose output layer allows it) it is computed a
+    chunk of tokens at a time from the hidden states the output layer receives (`chunked_loss`), inside the
+    model's forward (so under its autocast, DDP and DeepSpeed wrapping), and the model computes one position's
+    logits only. Otherwise, and for classification heads, it is the model's own loss."""
+
+    def __init__(self, chunked: bool = True) -> None:
+        self.chunked = chunked
+        self.model: torch.nn.Module | None = None
+
     def setup(self, model: torch.nn.Module, rows: list[Row], pad_id: int, batch_size: int) -> None:
-        pass
+        # The model as loaded: methods wrap it in place, so its output layer is found again at each step.
+        self.model = model
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return loss_items(batch["labels"])
@@ -53,7 +64,25 @@ class CausalLM:
     def loss(
         self, forward: Forward, batch: dict[str, torch.Tensor], num_items: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        return forward(batch, num_items).loss, {}
+        head = output_layer(self.model) if self.chunked and self.model is not None else None
+        labels = batch["labels"]
+        if head is None or labels.dim() != 2:
+            return forward(batch, num_items).loss, {}
+        found: list[torch.Tensor] = []
+
+        def take_hidden(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            # Prompt tuning prepends virtual tokens: the labels cover the last positions. Token t predicts t+1.
+            hidden = args[0][:, -labels.shape[1] :]
+            flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            found.append(chunked_cross_entropy(flat, head, labels[:, 1:].reshape(-1), num_items))
+            return (args[0][:, -1:], *args[1:])  # the model's own logits: one position, unused
+
+        handle = head.register_forward_pre_hook(take_hidden)
+        try:
+            forward({k: v for k, v in batch.items() if k != "labels"}, num_items)
+        finally:
+            handle.remove()
+        return found[0], {}
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
