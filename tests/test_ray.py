@@ -30,8 +30,8 @@ pytest.importorskip("ray.cluster_utils")
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """Two Ray nodes of one CPU each: the two workers land one per node, as on two machines."""
-    with two_nodes() as address:
-        yield address
+    with two_nodes() as nodes:
+        yield nodes.address
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from openai.types.fine_tuning import FineTuningJob
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ray_cluster import two_nodes
+from ray_cluster import TwoNodes, two_nodes
 from service_support import (
     DATABASES,
     FAST,
@@ -123,10 +123,10 @@ RAY = [pytest.param(f"ray-{d.values[0]}", id=f"ray-{d.id}", marks=[*d.marks, NO_
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
+def ray_nodes() -> Iterator[TwoNodes]:
     """Two Ray nodes of one CPU each (as tests/test_ray.py): the two job slots land one per node."""
-    with two_nodes() as address:
-        yield address
+    with two_nodes() as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module", params=[*DATABASES, *RAY])
@@ -135,7 +135,7 @@ def live(
 ) -> Iterator[Live]:
     kind, extra = request.param, ()
     if kind.startswith("ray-"):
-        address = request.getfixturevalue("ray_address")
+        address = request.getfixturevalue("ray_nodes").address
         kind, extra = kind.removeprefix("ray-"), ("--executor", "ray", "--ray-address", address)
     tmp = tmp_path_factory.mktemp(request.param)
     with _live(tmp, tiny_llama_dir, _database(kind, "e2e"), extra) as found:
@@ -303,6 +303,38 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(live: Live, reference
     resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
     assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
     _same_as_uninterrupted(live, job.id, reference)
+
+
+def test_a_lost_ray_node_requeues_its_job_and_the_node_left_resumes_it(
+    live: Live, reference: Reference, request: pytest.FixtureRequest
+) -> None:
+    """A machine that dies: the whole Ray node running a job (its raylet, object store and workers) is killed. The
+    job is queued again and resumes from its last checkpoint on the node left, with the per-step losses and the
+    adapter of an uninterrupted run."""
+    if not live.extra:
+        pytest.skip("Ray nodes exist with --executor ray only (a local worker's death is the test above)")
+    nodes: TwoNodes = request.getfixturevalue("ray_nodes")
+    reference.losses()  # the uninterrupted run ends first: both nodes are free
+    # The head holds the cluster's state and cannot go: a long job fills its one CPU first (Ray places a task on
+    # the node its caller is attached to while that node has room), and the job under test gets the other node.
+    blocker = live.job({**LONG, "train": {**LONG["train"], "max_steps": 5000}})
+    live.wait(blocker.id, lambda j: j.status == "running" and j.tunelab["step"] >= 1)  # type: ignore[attr-defined]
+    assert nodes.on_head(_worker_pid(live, blocker.id)), "the first job was not placed on the head node"
+    job = live.job(LONG, seed=SEED)
+    live.wait(job.id, lambda j: j.status == "running" and j.tunelab["step"] >= 15)  # type: ignore[attr-defined]
+    try:
+        nodes.kill_node_of(_worker_pid(live, job.id))
+        live.wait(job.id, lambda j: j.status == "queued")
+        live.client.fine_tuning.jobs.cancel(blocker.id)  # frees the head for the job
+        live.wait(job.id, lambda j: j.status == "succeeded")
+    finally:
+        nodes.add_node()  # the module's later tests run on two nodes again
+    messages = live.messages(job.id)
+    assert any(m.startswith("Worker lost; the job is queued again") for m in messages)
+    resumed = [m for m in messages if m.startswith("Resuming from checkpoint step-")]
+    assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= 10
+    _same_as_uninterrupted(live, job.id, reference)
+    assert live.wait(blocker.id, lambda j: j.status == "cancelled")
 
 
 def test_a_job_reserves_the_resources_it_asks_for(live: Live) -> None:
