@@ -130,15 +130,12 @@ def test_ctrl_c_saves_a_checkpoint(tiny_llama_dir: Path, tiny_tokenizer_dir: Pat
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
-def test_gradient_checkpointing_computes_the_same_steps(
-    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def checkpoint_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Grows by one each time transformers recomputes a layer under activation checkpointing."""
     import transformers.modeling_utils as modeling
 
-    from tunelab.config import load_spec
-    from tunelab.recipe import run_job
-
-    calls = []
+    calls: list[int] = []
     original = modeling.checkpoint
 
     def counting(*args: object, **kwargs: object) -> object:
@@ -146,6 +143,14 @@ def test_gradient_checkpointing_computes_the_same_steps(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(modeling, "checkpoint", counting)
+    return calls
+
+
+def test_gradient_checkpointing_computes_the_same_steps(
+    tiny_llama_dir: Path, tmp_path: Path, checkpoint_calls: list[int]
+) -> None:
+    from tunelab.config import load_spec
+    from tunelab.recipe import run_job
 
     def losses(checkpointing: bool) -> list[float]:
         out = tmp_path / f"gc-{checkpointing}"
@@ -161,33 +166,29 @@ def test_gradient_checkpointing_computes_the_same_steps(
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     with_checkpointing = losses(True)
-    assert len(calls) == 4 * 2  # it is on: each of the 2 layers is checkpointed at each of the 4 steps
+    assert len(checkpoint_calls) == 4 * 2  # it is on: each of the 2 layers is checkpointed at each of the 4 steps
     assert with_checkpointing == pytest.approx(losses(False), abs=1e-5)
 
 
 @pytest.mark.parametrize(("available_gib", "expected"), [(1e-3, True), (1e3, False)])
 def test_gradient_checkpointing_auto_turns_on_only_when_memory_is_short(
-    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, available_gib: float, expected: bool
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoint_calls: list[int],
+    available_gib: float,
+    expected: bool,
 ) -> None:
     """The default (auto) asks `tunelab plan`'s estimate of the run without checkpointing against the memory the
     process has: a machine with 1 MiB free gets it, one with 1,000 GiB does not; the log says which and why."""
     import io
 
-    import transformers.modeling_utils as modeling
     from rich.console import Console
 
     import tunelab.recipe
     from tunelab.config import load_spec
     from tunelab.recipe import run_job
 
-    calls = []
-    original = modeling.checkpoint
-
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(modeling, "checkpoint", counting)
     monkeypatch.setattr(tunelab.recipe, "available_memory", lambda processes=1: available_gib * 2**30)
     base = {
         "model": {"name": str(tiny_llama_dir)},
@@ -199,7 +200,7 @@ def test_gradient_checkpointing_auto_turns_on_only_when_memory_is_short(
     }
     log = io.StringIO()
     run_job(load_spec(None, base=base), console=Console(file=log, width=200))
-    assert len(calls) == (2 * 2 if expected else 0)
+    assert len(checkpoint_calls) == (2 * 2 if expected else 0)
     line = next(x for x in log.getvalue().splitlines() if x.startswith("activation checkpointing:"))
     assert line.startswith(f"activation checkpointing: {'on' if expected else 'off'} (auto: plan ")
     assert f"{available_gib:.1f} GiB available" in line
