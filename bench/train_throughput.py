@@ -6,14 +6,15 @@
 Same model, bundled chat data, LoRA (r=16, alpha 32, all seven projections), maximum length, batch, learning rate
 and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and packed
 (`packing=True`, padding-free), both with TRL's defaults (gradient checkpointing and bf16 autocast on), and at its
-fastest here ("trl-best": packed, no gradient checkpointing, fp32). tunelab runs as one process (PyTorch's threads
-over the cores) and as two single-threaded data-parallel processes (`tunelab train --nproc 2`, DDP; same global
-batch), and once more with the model's own loss over the full logits ("tunelab-full-logits",
-`train.chunked_loss: false`) to show what the chunked cross-entropy saves. The loss covers every token in all of
-them (TRL's default; tunelab with `task.train_on_prompt`), so final losses compare like with like. Each run is
-its own process (peak RSS is per process). Prints real tokens/s (padding excluded), the ratio tunelab/TRL, peak
-RSS, the last steps' mean loss, and tunelab's model-FLOPs utilisation against this machine's fp32 matmul FLOP/s
-measured in the same run.
+fastest here ("trl-best": packed, no gradient checkpointing, fp32). tunelab runs with its defaults ("tunelab":
+`--nproc auto` chooses the process layout; the line it printed is shown), as one process (PyTorch's threads over
+the cores, "tunelab-1proc") and as two single-threaded data-parallel processes ("tunelab-2proc", `tunelab train
+--nproc 2`, DDP; same global batch), and once more with the model's own loss over the full logits
+("tunelab-full-logits", `train.chunked_loss: false`) to show what the chunked cross-entropy saves. The loss
+covers every token in all of them (TRL's default; tunelab with `task.train_on_prompt`), so final losses compare
+like with like. Each run is its own process (peak RSS is per process: a launch's largest). Prints real tokens/s
+(padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and tunelab's model-FLOPs
+utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
 """
 
 from __future__ import annotations
@@ -34,32 +35,42 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/chat/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("tunelab", "tunelab-2proc", "tunelab-full-logits", "trl-padded", "trl-packed", "trl-best")
+VARIANTS = (
+    "tunelab",
+    "tunelab-1proc",
+    "tunelab-2proc",
+    "tunelab-full-logits",
+    "trl-padded",
+    "trl-packed",
+    "trl-best",
+)
 LR = 5e-4
 
 
 def run_tunelab(
-    model: str, steps: int, seq_len: int, batch: int, out: Path, nproc: int = 1, chunked: bool = True
+    model: str, steps: int, seq_len: int, batch: int, out: Path, nproc: str = "auto", chunked: bool = True
 ) -> dict[str, float]:
-    """tunelab as users run it; with nproc 2, data-parallel (DDP) over 2 single-threaded processes, same global
-    batch (batch/2 rows per process), launched by `tunelab train --nproc 2`; `chunked=False`: the model's own
-    loss over the full logits instead of the chunked cross-entropy (train.chunked_loss)."""
+    """tunelab as users run it, `tunelab train SPEC --nproc N`: auto (the default) picks one process or one
+    single-threaded process per core (DDP, batch/N rows each, same global batch); "1" forces one process with
+    PyTorch's threads, "2" two DDP processes; `chunked=False`: the model's own loss over the full logits instead of
+    the chunked cross-entropy (train.chunked_loss)."""
     base = _tunelab_spec(model, steps, seq_len, batch, out)
     base["train"]["chunked_loss"] = chunked
-    if nproc == 1:
-        from tunelab.config import load_spec
-        from tunelab.recipe import run_job
-
-        run_job(load_spec(None, base=base))
-    else:
-        base["train"]["batch_size"] = batch // nproc
+    if nproc == "2":
+        base["train"]["batch_size"] = batch // 2
         base["distributed"] = {"strategy": "ddp"}
-        spec = out / "spec.yaml"
-        spec.write_text(json.dumps(base), encoding="utf-8")  # JSON is YAML
-        cmd = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--nproc", str(nproc)]
-        subprocess.run(cmd, check=True, capture_output=True)
+    spec = out / "spec.yaml"
+    spec.write_text(json.dumps(base), encoding="utf-8")  # JSON is YAML
+    cmd = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--nproc", nproc]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    layout = next((line for line in done.stderr.splitlines() if line.startswith("processes:")), "processes: given")
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" not in r]
-    return {"tokens": rows[-1]["tokens"], "seconds": rows[-1]["elapsed_s"], "losses": [r["loss"] for r in rows]}
+    return {
+        "tokens": rows[-1]["tokens"],
+        "seconds": rows[-1]["elapsed_s"],
+        "losses": [r["loss"] for r in rows],
+        "layout": layout,
+    }
 
 
 def _tunelab_spec(model: str, steps: int, seq_len: int, batch: int, out: Path) -> dict[str, Any]:
@@ -134,12 +145,12 @@ class _StepTimer(TrainerCallback):
 def child(variant: str, model: str, steps: int, seq_len: int, batch: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if variant.startswith("tunelab"):
-            nproc, chunked = (2 if variant == "tunelab-2proc" else 1), variant != "tunelab-full-logits"
-            result = run_tunelab(model, steps, seq_len, batch, Path(tmp), nproc, chunked)
+            nproc = {"tunelab-1proc": "1", "tunelab-2proc": "2"}.get(variant, "auto")
+            result = run_tunelab(model, steps, seq_len, batch, Path(tmp), nproc, variant != "tunelab-full-logits")
+            rusage = resource.RUSAGE_CHILDREN  # the largest training process of the launch
         else:
             result = run_trl(model, steps, seq_len, batch, Path(tmp), variant)
-    # Per process: the 2-process variant reports its largest worker.
-    rusage = resource.RUSAGE_CHILDREN if variant == "tunelab-2proc" else resource.RUSAGE_SELF
+            rusage = resource.RUSAGE_SELF
     result["rss_mib"] = resource.getrusage(rusage).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -190,6 +201,8 @@ def main() -> None:
             runs[variant].append(json.loads(line[7:]))
             r = runs[variant][-1]
             print(f"round {round_ + 1} {variant:11} {r['tokens'] / r['seconds']:7.1f} tokens/s", flush=True)
+            if "layout" in r:
+                print(f"  {r['layout']}", flush=True)
     _report(runs, args, peak, model_params(args.model))
 
 
@@ -204,7 +217,7 @@ def _report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, p
         print(f"{variant:19} {tps[variant]:9.1f} {tps['tunelab'] / tps[variant]:10.2f} {two} {rss:13.0f} {loss:11.4f}")
     # LoRA: forward 2P + backward through activations 2P FLOPs per token (no weight gradients for the base).
     print(f"machine fp32 matmul (all cores): {peak / 1e9:.1f} GFLOP/s")
-    for variant in ("tunelab", "tunelab-2proc")[: len(tps)]:
+    for variant in ("tunelab", "tunelab-1proc", "tunelab-2proc"):
         if variant not in tps:
             continue
         achieved = 4 * params * tps[variant]

@@ -55,6 +55,12 @@ def _losses(run: Path) -> list[float]:
     return [row["loss"] for row in rows if "eval" not in row]  # the steps, not the evaluation rows
 
 
+def _validation(run: Path) -> dict[int, float]:
+    """The validation-loss points measured during training, by step."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if row.get("eval") == "validation"}
+
+
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
@@ -83,6 +89,9 @@ def test_two_processes_match_one(strategy: list[str], one_process: Path, tiny_ll
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["loss"] < summary["before"]["loss"]  # it learned
     assert _losses(run) == pytest.approx(_losses(one_process), abs=LOSS_TOL)
+    # The validation curve too, measured by every process on the same rows (ZeRO-3's forward needs them all).
+    assert len(_validation(one_process)) == 3
+    assert _validation(run) == pytest.approx(_validation(one_process), abs=LOSS_TOL)
     ours, reference = _adapter(run), _adapter(one_process)
     # Complete: every LoRA matrix present with its full shape (ZeRO-3 would otherwise save empty shards).
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}

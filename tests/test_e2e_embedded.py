@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,13 @@ def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    # --nproc auto: the 135M model trains in one single-threaded process per core (batch 2 = 1 row each on 2 cores)
+    expected = 2 if len(os.sched_getaffinity(0)) == 2 else 1  # more cores: batch 2 does not split into them
+    assert f"processes: {expected} (auto:" in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["loss"] < summary["before"]["loss"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r.get("eval") == "validation"]) == 4  # the curve, under DDP too
     assert summary["trainable_params"] == 4_884_480  # LoRA r=16 on all 7 projections of 30 layers
     assert "report:" in done.stdout and (out / "report.html").is_file()
 

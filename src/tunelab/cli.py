@@ -81,11 +81,19 @@ def train_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.lr=1e-4")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
-    nproc: Annotated[int, typer.Option(help="Processes on this machine (torchrun); needs distributed.strategy.")] = 1,
+    nproc: Annotated[
+        str,
+        typer.Option(
+            help="Processes on this machine (torchrun; a number needs distributed.strategy), or auto: one process, "
+            "or one per core (DDP) where that is faster (the rule: `tunelab plan`, README)."
+        ),
+    ] = "auto",
     nnodes: Annotated[int, typer.Option(help="Machines taking part; run the same command on each.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
     master_addr: Annotated[str, typer.Option(help="Address of the node with --node-rank 0.")] = "127.0.0.1",
-    master_port: Annotated[int, typer.Option(help="A free TCP port on that node.")] = 29500,
+    master_port: Annotated[
+        int, typer.Option(help="A free TCP port on that node (default: any free one on one machine, else 29500).")
+    ] = 0,
     report_to: Annotated[
         str | None,
         typer.Option(
@@ -118,20 +126,40 @@ def train_cmd(
     if storage is not None:
         set_ = [*(set_ or []), f"storage={storage}"]
     job = load_spec(spec, set_)
+    processes = _processes(nproc)
     if ray:
         from tunelab.train.ray_executor import RayOptions
 
         options = RayOptions(ray_address, num_workers, cpus_per_worker, gpus_per_worker, max_failures)
-        _print_summary(_run_on_ray(job, resume, nproc, options))
+        _print_summary(_run_on_ray(job, resume, processes or 1, options))
         return
-    if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ:
-        _launch(job, spec, set_, resume, nproc, nnodes, node_rank, master_addr, master_port)
+    if processes is None and nnodes == 1 and "RANK" not in os.environ:
+        from tunelab.train.processes import layout_for
+
+        layout = layout_for(job, resume)
+        console.print(f"processes: {layout}")
+        if layout.processes > 1:  # the same run, split: the launch re-reads the spec with these overrides
+            set_ = [*(set_ or []), *layout.overrides(job.train.batch_size)]
+            job = load_spec(spec, set_)
+        processes = layout.processes
+    processes = processes or 1
+    if (processes > 1 or nnodes > 1) and "RANK" not in os.environ:
+        _launch(job, spec, set_, resume, processes, nnodes, node_rank, master_addr, master_port)
         return
     summary = run_job(job, resume=resume, console=console)
     if summary.interrupted:
         raise typer.Exit(130)
     if current_world().is_main:
         _print_summary(summary)
+
+
+def _processes(nproc: str) -> int | None:
+    """--nproc: a positive number, or auto (None: decided by `tunelab.train.processes`)."""
+    if nproc == "auto":
+        return None
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise typer.BadParameter(f"{nproc!r}: give a number of processes (1, 2, ...) or auto", param_hint="--nproc")
+    return int(nproc)
 
 
 def _run_on_ray(job: JobSpec, resume: bool, nproc: int, options: RayOptions) -> RunSummary:
@@ -193,7 +221,7 @@ def _launch(
     master_port: int,
 ) -> None:
     """Re-run this command under torchrun, which starts the processes and tells each its rank."""
-    from tunelab.train.distributed import launch_command, prebuild_deepspeed_ops
+    from tunelab.train.distributed import free_port, launch_command, prebuild_deepspeed_ops
 
     if job.distributed.strategy == "none":
         raise ConfigError(
@@ -203,9 +231,12 @@ def _launch(
         with console.status("building DeepSpeed's CPU communication op (first run only)"):
             prebuild_deepspeed_ops()
     argv = ["train", str(spec), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else [])]
-    command = launch_command(argv, nproc, nnodes, node_rank, master_addr, master_port)
+    # One machine: any free port, so that two runs at once (now the default launches) do not collide.
+    port = master_port or (free_port() if nnodes == 1 else 29500)
+    command = launch_command(argv, nproc, nnodes, node_rank, master_addr, port)
     console.print(f"launching {nproc * nnodes} processes ({job.distributed.strategy}): {' '.join(command[2:])}")
-    code = subprocess.call(command)
+    # torchrun gives each process one thread; set here, it does not print a banner saying so.
+    code = subprocess.call(command, env={"OMP_NUM_THREADS": "1", **os.environ})
     if code:
         raise typer.Exit(code)
 
@@ -440,7 +471,10 @@ def plan_cmd(
     """Will it fit? Memory per device and time per step for each method and strategy, and a recommendation."""
     import os
 
+    import torch
+
     from tunelab.plan import GiB, load_config, measure_flops, model_shape, plan_table, recommend
+    from tunelab.train.processes import Workload, choose_layout
 
     shape = model_shape(load_config(model))
     memory = device_memory or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
@@ -462,6 +496,10 @@ def plan_cmd(
     out.print(table)
     best = recommend(rows)
     out.print(f"recommended: {best.method} with {best.strategy}" if best else "nothing fits: add devices or memory")
+    work = Workload(method, batch, seq_len, rank)  # batch: the spec's train.batch_size, split by auto
+    cores = len(os.sched_getaffinity(0))
+    layout = choose_layout(shape, work, processes=cores, available=memory * GiB, gpu=torch.cuda.is_available())
+    out.print(f"tunelab train --nproc auto (the default), {cores} cores here: processes {layout}")
 
 
 @app.command("methods")

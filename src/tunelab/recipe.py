@@ -348,10 +348,10 @@ def _save_pissa_init(model: torch.nn.Module, spec: JobSpec, out: Path) -> Path |
 
 def _validation_rows(spec: JobSpec, data: TaskData) -> list[Row]:
     """The rows of the validation loss during training: with evaluation on (or `train.eval_every` set), for the
-    model's own loss (a DPO objective scores its training pairs' reference only), in one process."""
+    model's own loss (a DPO objective scores its training pairs' reference only), in every process of a launch."""
     every = spec.train.eval_every
     wanted = every != 0 and (every is not None or spec.eval.enabled)
-    if not wanted or data.objective is not None or spec.distributed.strategy != "none":
+    if not wanted or data.objective is not None:
         return []
     return data.val_rows
 

@@ -101,6 +101,11 @@ def load_checkpoint(
     return TrainerState(**saved)
 
 
+def saved_world_size(folder: Path) -> int:
+    """How many processes wrote checkpoint `folder` (1 for checkpoints older than the field)."""
+    return int(_read_json(CheckpointLayout(folder).trainer_state).get("world_size", 1))
+
+
 def save_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The replicated (one-process or DDP) state: trainable weights and Adam moments, in safetensors."""
     files = CheckpointLayout(folder)

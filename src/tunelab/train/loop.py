@@ -96,7 +96,8 @@ def train(
 ) -> TrainResult:
     """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
     `val_rows`: the validation loss is measured on the first `train.eval_rows` of them every `train.eval_every`
-    steps (one process only: a sharded model cannot run a forward pass on one rank alone). `trackers`: the
+    steps, by every process on the same rows (a sharded model's forward pass needs all ranks; the few rows cost
+    less than splitting them would save), so every process holds the same points. `trackers`: the
     experiment trackers that get each step and validation point too (the main process's; None elsewhere).
     `on_checkpoint`: called with each saved checkpoint's folder (the main process's: object storage's mirror).
 
@@ -138,7 +139,7 @@ def train(
             on_checkpoint(saved)
         return saved
 
-    val = list(val_rows[: train_spec.eval_rows]) if world.size == 1 else []
+    val = list(val_rows[: train_spec.eval_rows])
     val_every = validation_every(train_spec, plan.total_steps) if val else 0
     last_ckpt: Path | None = None
     interrupted = False
