@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,29 @@ def test_resume_is_exact(strategy: list[str], tiny_llama_dir: Path, tmp_path: Pa
     assert _losses(run) == losses
     resumed = _adapter(run)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_ctrl_c_under_a_launch_saves_a_checkpoint_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it (to the foreground process group: tunelab, not torchrun's own session) stops
+    both processes after the current step with a checkpoint, as in one process; --resume finishes the run."""
+    spec, run = _spec(tmp_path, tiny_llama_dir), tmp_path / "run"
+    args = ["--nproc", "2", "--set", "distributed.strategy=ddp", "--set", "train.max_steps=60"]
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(spec), "--set", f"output_dir={run}", *args]
+    launch = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(launch.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    _, stderr = launch.communicate(timeout=300)
+    assert launch.returncode == 130, stderr[-3000:]
+    assert "run the same command with --resume" in stderr
+    assert "ChildFailedError" not in stderr  # torchrun saw two processes that stopped as asked
+    stopped = len(_losses(run))
+    assert 3 <= stopped < 60
+    assert (run / "checkpoints" / f"step-{stopped:06d}").is_dir()
+    _train(spec, run, *args, "--resume")
+    assert len(_losses(run)) == 60
 
 
 def test_resume_with_another_process_count_is_refused(one_process: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,7 +118,7 @@ def train_cmd(
     """Fine-tune: evaluate before, train, evaluate after, export adapter and merged model, write the report."""
     from tunelab.config import load_spec
     from tunelab.recipe import run_job
-    from tunelab.train.distributed import current_world
+    from tunelab.train.distributed import LAUNCHED_ENV, current_world
 
     if report_to is not None:  # an override like any other: checked with the spec, passed on to a launch
         set_ = [*(set_ or []), f"train.report_to={report_to}"]
@@ -147,8 +146,8 @@ def train_cmd(
         _launch(job, spec, set_, resume, processes, nnodes, node_rank, master_addr, master_port)
         return
     summary = run_job(job, resume=resume, console=console)
-    if summary.interrupted:
-        raise typer.Exit(130)
+    if summary.interrupted:  # in a launch of ours, the launching process says so (see run_launch)
+        raise typer.Exit(0 if LAUNCHED_ENV in os.environ else 130)
     if current_world().is_main:
         _print_summary(summary)
 
@@ -221,7 +220,7 @@ def _launch(
     master_port: int,
 ) -> None:
     """Re-run this command under torchrun, which starts the processes and tells each its rank."""
-    from tunelab.train.distributed import free_port, launch_command, prebuild_deepspeed_ops
+    from tunelab.train.distributed import free_port, launch_command, prebuild_deepspeed_ops, run_launch
 
     if job.distributed.strategy == "none":
         raise ConfigError(
@@ -235,8 +234,7 @@ def _launch(
     port = master_port or (free_port() if nnodes == 1 else 29500)
     command = launch_command(argv, nproc, nnodes, node_rank, master_addr, port)
     console.print(f"launching {nproc * nnodes} processes ({job.distributed.strategy}): {' '.join(command[2:])}")
-    # torchrun gives each process one thread; set here, it does not print a banner saying so.
-    code = subprocess.call(command, env={"OMP_NUM_THREADS": "1", **os.environ})
+    code = run_launch(command)
     if code:
         raise typer.Exit(code)
 

@@ -8,13 +8,16 @@ each global micro-batch; rank 0 alone evaluates, writes the report and exports.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -160,6 +163,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+LAUNCHED_ENV = "TUNELAB_LAUNCHED"  # set in the processes `tunelab train --nproc` starts
+
+
+def run_launch(command: list[str]) -> int:
+    """Run a torchrun command; Ctrl-C then means what it means for one process: finish the step, save a
+    checkpoint, stop (a second one: stop now). torchrun runs in its own session, so the terminal's SIGINT reaches
+    this process alone, which passes one SIGINT to each training process; otherwise each would get two (the
+    terminal's and torchrun's own forward), and a second SIGINT means stop at once, without a checkpoint. SIGTERM
+    and SIGHUP go to torchrun, which stops the processes."""
+    import psutil  # accelerate's dependency
+
+    # torchrun gives each process one thread; set here, it does not print a banner saying so. LAUNCHED_ENV: a
+    # process stopped by Ctrl-C exits 0 (its checkpoint is saved), or torchrun would report it as a failure.
+    env = {"OMP_NUM_THREADS": "1", **os.environ, LAUNCHED_ENV: "1"}
+    launch = subprocess.Popen(command, env=env, start_new_session=True)
+    interrupted = False
+
+    def to_workers(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        for worker in psutil.Process(launch.pid).children():
+            os.kill(worker.pid, signal.SIGINT)
+
+    def to_torchrun(signum: int, frame: FrameType | None) -> None:
+        launch.send_signal(signum)
+
+    handlers = {signal.SIGINT: to_workers, signal.SIGTERM: to_torchrun, signal.SIGHUP: to_torchrun}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        code = launch.wait()
+        return 130 if interrupted and code == 0 else code  # 130: the shell's code for "stopped by Ctrl-C"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_command(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tunelab.data.packing import Row, collate, loss_items
 from tunelab.data.render import IGNORE
 from tunelab.train.chunked_loss import chunked_cross_entropy, output_layer
+from tunelab.train.distributed import current_world
 from tunelab.train.progress import phase
 
 Forward = Callable[[dict[str, Any], float], Any]  # an engine's forward: (model inputs, num_items) -> output
@@ -96,7 +97,11 @@ class Dpo:
         self.reference = reference if reference is not None else torch.empty(0)
 
     def setup(self, model: torch.nn.Module, rows: list[Row], pad_id: int, batch_size: int) -> None:
-        self.reference = reference_logps(model, rows, pad_id, batch_size)
+        # Under a launch each process scores its share of the rows (a pair never spans two rows) and they
+        # exchange the results: the whole table on every process, in 1/N of the time.
+        world = current_world()
+        table = reference_logps(model, rows[world.rank :: world.size], pad_id, batch_size)
+        self.reference = _share_table(table) if world.size > 1 else table
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return len(pair_ids(batch["segments"]))
@@ -171,8 +176,20 @@ def score_sequences(
 
 
 def reference_logps(model: torch.nn.Module, rows: list[Row], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Every sequence's log-probability under `model` (the reference), indexed by sequence id."""
+    """Every sequence's log-probability under `model` (the reference), indexed by sequence id (0 where absent)."""
+    if not rows:
+        return torch.zeros(0, dtype=torch.float64)
     ids, logps = score_sequences(model, rows, pad_id, batch_size)
     table = torch.zeros(int(ids.max()) + 1, dtype=torch.float64)
     table[ids] = logps
     return table
+
+
+def _share_table(table: torch.Tensor) -> torch.Tensor:
+    """The processes' tables, each holding its own sequences (0 elsewhere), summed into the whole on every one."""
+    size = torch.tensor([len(table)])
+    torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+    whole = torch.zeros(int(size), dtype=torch.float64)
+    whole[: len(table)] = table
+    torch.distributed.all_reduce(whole)
+    return whole
