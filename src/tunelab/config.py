@@ -262,6 +262,12 @@ class TrainSpec(_Spec):
     max_steps: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps (overrides epochs)."
     )
+    time_budget: float | None = Field(
+        None,
+        description="Train for as many steps as fit in this time, e.g. 20m, 90s, 1h30m (seconds once read): the "
+        "first steps are timed and the step count and schedule set from them; max_steps, or epochs when set, "
+        "stay an upper bound. The evaluations before and after training are not counted.",
+    )
     batch_size: int = Field(8, gt=0, le=4096, description="Sequences (packed rows) per micro-batch.")
     grad_accum: int = Field(1, gt=0, le=4096, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, le=10, allow_inf_nan=False, description="Peak learning rate.")
@@ -321,6 +327,13 @@ class TrainSpec(_Spec):
         description="W&B run settings when report_to names wandb: project, entity, name, tags (default: project "
         "WANDB_PROJECT or tunelab, named after output_dir).",
     )
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        from tunelab.train.budget import parse_duration  # the budget's rules live with the loop that keeps it
+
+        return None if value is None else parse_duration(value)
 
     @field_validator("report_to", mode="before")
     @classmethod

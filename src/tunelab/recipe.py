@@ -28,14 +28,15 @@ from tunelab.export.merge import save_adapter, save_merged
 from tunelab.layout import RunLayout, checkpoint_step
 from tunelab.methods import apply_method, count_parameters, get_method
 from tunelab.models import ModelSource, cache_dir, load_model, load_tokenizer, resolve
-from tunelab.plan import available_memory, checkpointing_needed, estimate, model_shape
+from tunelab.plan import available_memory, checkpointing_needed, estimate, measure_flops, model_shape
 from tunelab.report import confusion_png, write_report
 from tunelab.report.run import details, read_metrics, scored_samples
 from tunelab.storage import RunMirror
 from tunelab.tasks import Evaluation, Task, TaskData, get_task
+from tunelab.train.budget import CALIBRATION_STEPS, format_duration, steps_that_fit
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.distributed import World, all_cores, barrier, current_world, init_process_group
-from tunelab.train.loop import TrainResult, train
+from tunelab.train.loop import TrainResult, make_plan, train
 from tunelab.train.objectives import CausalLM
 from tunelab.train.precision import CACHE_FILE as PRECISION_CACHE
 from tunelab.train.precision import choose_precision
@@ -160,6 +161,7 @@ def _run(
     # From here on the spec says what the run does (spec.yaml keeps what was asked, so a resume asks again).
     answers = {"precision": precision.precision, "gradient_checkpointing": checkpointing}
     spec = spec.model_copy(update={"train": spec.train.model_copy(update=answers)})
+    step_s = _time_estimate(model, spec, data.train_rows, console)
     result = train(
         model,
         data.train_rows,
@@ -175,6 +177,7 @@ def _run(
         val_rows=_validation_rows(spec, data),
         trackers=trackers,
         on_checkpoint=mirror.push_checkpoint if mirror is not None else None,
+        estimated_step_s=step_s,
     )
     if result.interrupted:
         return _summary(spec, None, None, None, before, Evaluation({}, []), trainable, total, result, started)
@@ -232,6 +235,35 @@ def _checkpointing(model: torch.nn.Module, spec: JobSpec, bf16: bool) -> tuple[b
         chunked_loss=spec.train.chunked_loss,
     )
     return checkpointing_needed(without, available_memory(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _time_estimate(model: torch.nn.Module, spec: JobSpec, rows: list[Row], console: Console) -> float | None:
+    """`tunelab plan`'s seconds per step for this run (its FLOPs at this process's measured matmul speed), said
+    before training starts; the loop replaces it with the measured rate after the first steps."""
+    try:
+        shape = model_shape(model.config)  # type: ignore[arg-type]
+    except (ValueError, KeyError, AttributeError):  # no causal-LM shape: the timed steps alone will tell
+        return None
+    world = current_world()
+    tokens = sum(len(r.input_ids) for r in rows) / max(len(rows), 1)
+    method = "full" if spec.method.name == "full" else "lora"
+    step_s = estimate(
+        shape, method, seq_len=max(1, round(tokens)), batch=spec.train.batch_size * spec.train.grad_accum,
+        flops=measure_flops(),
+    ).seconds_per_step
+    if spec.train.time_budget is not None:
+        console.print(
+            f"time: tunelab plan estimates {step_s:.2f} s/step, so about "
+            f"{steps_that_fit(spec.train.time_budget, step_s, 0, 0.0, None)} steps fit in "
+            f"{format_duration(spec.train.time_budget)}; the first {CALIBRATION_STEPS} steps are timed to set the count"
+        )
+    else:
+        total = make_plan(len(rows), spec.train, world.size).total_steps
+        console.print(
+            f"time: tunelab plan estimates {step_s:.2f} s/step, {total} steps: about "
+            f"{format_duration(step_s * total)} of training (measured after step {CALIBRATION_STEPS})"
+        )
+    return step_s
 
 
 def _save_gathered(

@@ -33,6 +33,8 @@ class TrainerState:
     history: list[dict[str, float]] = field(default_factory=list)
     # Validation loss during training ({"step", "loss", "rows", "seconds"}); older checkpoints have none.
     validation: list[dict[str, float]] = field(default_factory=list)
+    # The run's step count, saved so that a resume keeps what train.time_budget chose (None: not chosen yet).
+    total_steps: int | None = None
 
 
 class CheckpointBackend(Protocol):
@@ -104,6 +106,13 @@ def load_checkpoint(
 def saved_world_size(folder: Path) -> int:
     """How many processes wrote checkpoint `folder` (1 for checkpoints older than the field)."""
     return int(_read_json(CheckpointLayout(folder).trainer_state).get("world_size", 1))
+
+
+def saved_total_steps(folder: Path) -> int | None:
+    """The step count checkpoint `folder`'s run settled on (None when older than the field or not yet chosen)."""
+    path = CheckpointLayout(folder).trainer_state
+    value = _read_json(path).get("total_steps") if path.is_file() else None
+    return int(value) if value is not None else None
 
 
 def save_trainable_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 from transformers import get_scheduler
@@ -24,7 +26,8 @@ from tunelab.data.packing import Row, collate
 from tunelab.layout import RunLayout
 from tunelab.models import cache_dir
 from tunelab.train.backends import Backend, make_backend
-from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from tunelab.train.budget import CALIBRATION_STEPS, Forecast, measured_rate, steps_that_fit
+from tunelab.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, saved_total_steps
 from tunelab.train.distributed import SINGLE, World, current_world
 from tunelab.train.objectives import CausalLM, Objective
 from tunelab.train.precision import CACHE_FILE as PRECISION_CACHE
@@ -93,6 +96,7 @@ def train(
     val_rows: Sequence[Row] = (),
     trackers: Trackers | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    estimated_step_s: float | None = None,
 ) -> TrainResult:
     """Train `model` in place on `rows`. `stop_after` ends early at that step (as an interruption would).
     `val_rows`: the validation loss is measured on the first `train.eval_rows` of them every `train.eval_every`
@@ -100,6 +104,8 @@ def train(
     less than splitting them would save), so every process holds the same points. `trackers`: the
     experiment trackers that get each step and validation point too (the main process's; None elsewhere).
     `on_checkpoint`: called with each saved checkpoint's folder (the main process's: object storage's mirror).
+    `estimated_step_s`: `tunelab plan`'s seconds per step, which sizes a `train.time_budget` run until its first
+    steps are timed (train/budget.py).
 
     With several processes every one calls this with the same rows; each takes its slice of every micro-batch."""
     if not rows:
@@ -113,17 +119,15 @@ def train(
         objective.setup(model, rows, pad_id, train_spec.batch_size)
     backend = make_backend(model, train_spec, dist_spec or DistributedSpec(), world)
     plan = make_plan(len(rows), train_spec, world.size)
-    scheduler = get_scheduler(
-        train_spec.schedule,
-        backend.optimizer,
-        num_warmup_steps=round(train_spec.warmup_ratio * plan.total_steps),
-        num_training_steps=plan.total_steps,
-    )
+    saved_total = saved_total_steps(resume_from) if resume_from is not None else None
+    if train_spec.time_budget is not None:
+        plan = replace(plan, total_steps=saved_total or _provisional_steps(train_spec, plan, estimated_step_s))
+    scheduler = _scheduler(train_spec, backend, plan.total_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(out_dir)
     ckpt_root = layout.checkpoints
     metrics_path = layout.metrics
-    state = TrainerState()
+    state = TrainerState(total_steps=plan.total_steps if train_spec.time_budget is None else None)
     if resume_from is not None:
         state = load_checkpoint(resume_from, backend, scheduler)
         if world.is_main:
@@ -154,10 +158,10 @@ def train(
             state.step += 1
             state.tokens += tokens
             state.elapsed_s += time.perf_counter() - started
-            row = {
+            row: dict[str, Any] = {
                 "step": state.step,
                 "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": float(scheduler.get_last_lr()[0]),
                 "grad_norm": grad_norm,
                 "tokens": state.tokens,
                 "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9),
@@ -169,6 +173,10 @@ def train(
             reporter.update(row, eta_s=state.elapsed_s / state.step * (plan.total_steps - state.step))
             if trackers is not None:
                 trackers.log_step(row)
+            if state.step == CALIBRATION_STEPS:  # the first steps are timed: say how long, fit a budget
+                plan, scheduler = _calibrate(train_spec, backend, plan, scheduler, state, reporter)
+                reporter.total = plan.total_steps
+                val_every = validation_every(train_spec, plan.total_steps) if val else 0
             if val_every and (state.step % val_every == 0 or state.step == plan.total_steps):
                 point = _validate(backend, objective, val, pad_id, packed, train_spec.batch_size, state.step)
                 state.validation.append(point)
@@ -190,6 +198,61 @@ def train(
             )
     model.eval()
     return TrainResult(state, interrupted, last_ckpt, backend)
+
+
+def _scheduler(train_spec: TrainSpec, backend: Backend, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    scheduler: torch.optim.lr_scheduler.LRScheduler = get_scheduler(
+        train_spec.schedule,
+        backend.optimizer,
+        num_warmup_steps=round(train_spec.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return scheduler
+
+
+def _budget_cap(train_spec: TrainSpec, plan: Plan) -> int | None:
+    """A time budget's upper bound: max_steps, or epochs when the spec sets them (else the budget alone)."""
+    if train_spec.max_steps is not None or "epochs" in train_spec.model_fields_set:
+        return make_plan(plan.rows, train_spec, plan.batch_size // train_spec.batch_size).total_steps
+    return None
+
+
+def _provisional_steps(train_spec: TrainSpec, plan: Plan, estimated_step_s: float | None) -> int:
+    """A budget's steps before any is timed: by the plan's estimate (or the cap), never fewer than the steps that
+    calibrate. The schedule of those first steps is this count's; the count is then measured and set."""
+    cap = _budget_cap(train_spec, plan)
+    budget = float(train_spec.time_budget or 0)
+    guess = steps_that_fit(budget, estimated_step_s, 0, 0.0, cap) if estimated_step_s else cap or 100
+    return max(guess, min(CALIBRATION_STEPS, cap or CALIBRATION_STEPS))
+
+
+def _calibrate(
+    train_spec: TrainSpec,
+    backend: Backend,
+    plan: Plan,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainerState,
+    reporter: ProgressReporter,
+) -> tuple[Plan, torch.optim.lr_scheduler.LRScheduler]:
+    """After the first steps: their measured rate (the slowest process's) says how long the run takes; with a
+    time budget it sets the step count that fits and the schedule for it (the steps done keep their rates)."""
+    rate = measured_rate(state.history)
+    if backend.world.size > 1:
+        tensor = torch.tensor([rate], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)  # every process, one answer
+        rate = float(tensor.item())
+    budget = train_spec.time_budget
+    if budget is not None and state.total_steps is None:
+        total = steps_that_fit(budget, rate, state.step, state.elapsed_s, _budget_cap(train_spec, plan))
+        plan = replace(plan, total_steps=total)
+        scheduler = _scheduler(train_spec, backend, total)
+        with warnings.catch_warnings():  # replaying the done steps' schedule, not skipping an optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state.step):
+                scheduler.step()
+    state.total_steps = plan.total_steps
+    reporter.note(Forecast(plan.total_steps, rate).line(state.step, budget))
+    return plan, scheduler
 
 
 def validation_every(train_spec: TrainSpec, total_steps: int) -> int:
