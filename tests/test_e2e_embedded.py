@@ -53,8 +53,7 @@ def test_main_job_on_the_embedded_model(tmp_path: Path) -> None:
     expected = 2 if len(os.sched_getaffinity(0)) == 2 else 1  # more cores: batch 2 does not split into them
     assert f"processes: {expected} (auto:" in done.stderr
     said = done.stdout + done.stderr
-    # How long: the plan's estimate before the first step, the measured rate after step 3 (of 4).
-    assert "time: tunelab plan estimates" in said and "s/step measured on steps 2-3" in said
+    assert "time: tunelab plan estimates" in said  # how long, before the first step (measured after step 8)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["loss"] < summary["before"]["loss"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,10 +1,12 @@
 """How long a run will take, and `train.time_budget`: as many steps as fit in a given training time.
 
 Before training, `tunelab plan`'s model (FLOPs per token over this machine's measured matmul speed) gives a first
-estimate. The real rate is only known once steps run, so after CALIBRATION_STEPS steps the loop times them (step 1
-is left out: it pays for first-call allocations) and says how long the run will take; with a time budget it then
-sets the number of steps that fit and rebuilds the learning-rate schedule for them. The chosen count is saved in
-every checkpoint, so a resumed run keeps it (and its schedule) rather than measuring again.
+estimate. The real rate is only known once steps run, so after CALIBRATION_STEPS steps the loop times them (the
+first WARMUP_STEPS are left out: they pay for first-call allocations and, under a launch, for the processes settling
+— measured on the embedded model in 2 processes: 20 and 21 s for steps 1-2, 12 s from step 4 on) and says how long
+the run will take; with a time budget it then sets the number of steps that fit and rebuilds the learning-rate
+schedule for them (until then the schedule is the plan's estimate's, so the change is small). The chosen count is
+saved in every checkpoint, so a resumed run keeps it (and its schedule) rather than measuring again.
 
 The budget covers the optimizer steps; the validation-loss points and checkpoints during training add a little,
 the evaluations before and after training are not counted.
@@ -18,7 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-CALIBRATION_STEPS = 3  # steps 2..3 are timed: enough to average out one slow step, few enough to hardly matter
+WARMUP_STEPS = 3  # not timed: slower than the rest
+CALIBRATION_STEPS = 8  # steps 4..8 are timed: enough to average out a slow step, early enough to matter little
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 _UNITS = (3600.0, 60.0, 1.0)
 
@@ -61,11 +64,12 @@ def steps_that_fit(budget_s: float, seconds_per_step: float, done: int, elapsed_
 
 
 def measured_rate(history: Sequence[dict[str, float]]) -> float:
-    """Seconds per step over the calibration steps after the first (each row's `elapsed_s` is cumulative)."""
+    """Seconds per step over the calibration steps after the warm-up ones (each row's `elapsed_s` is cumulative)."""
     rows = list(history)[:CALIBRATION_STEPS]
-    if len(rows) < 2:
-        return float(rows[0]["elapsed_s"]) if rows else 0.0
-    return (float(rows[-1]["elapsed_s"]) - float(rows[0]["elapsed_s"])) / (len(rows) - 1)
+    start = min(WARMUP_STEPS, len(rows)) - 1
+    if start < 0 or len(rows) - 1 == start:
+        return float(rows[-1]["elapsed_s"]) / len(rows) if rows else 0.0
+    return (float(rows[-1]["elapsed_s"]) - float(rows[start]["elapsed_s"])) / (len(rows) - 1 - start)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Forecast:
     def line(self, done: int, budget_s: float | None) -> str:
         left = (self.total_steps - done) * self.seconds_per_step
         finish = time.strftime("%H:%M", time.localtime(time.time() + left))
-        rate = f"{self.seconds_per_step:.2f} s/step measured on steps 2-{CALIBRATION_STEPS}"
+        rate = f"{self.seconds_per_step:.2f} s/step measured on steps {WARMUP_STEPS + 1}-{CALIBRATION_STEPS}"
         if budget_s is None:
             return f"time: {self.total_steps} steps at {rate}: about {format_duration(left)} left (ends ~{finish})"
         return (
