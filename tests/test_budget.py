@@ -4,26 +4,18 @@ close to the measured time, the chosen count kept across a resume."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import ValidationError
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab.config import CheckpointSpec, MethodSpec, TrainSpec
-from tunelab.data.formats import to_example
-from tunelab.data.packing import Row, pack
-from tunelab.data.render import tokenize
-from tunelab.methods import apply_method
+from test_resume import _model, _rows
+from tunelab.config import CheckpointSpec, TrainSpec
 from tunelab.train.budget import CALIBRATION_STEPS, measured_rate, parse_duration, steps_that_fit
 from tunelab.train.checkpoint import latest_checkpoint, saved_total_steps
 from tunelab.train.loop import train
 from tunelab.train.progress import ProgressReporter
-
-ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.parametrize(
@@ -48,18 +40,6 @@ def test_steps_fit_the_time_left_within_the_cap() -> None:
     # Steps 1-3 (slow warm-up) are left out; steps 4-8 took 2, 2, 2.5, 2, 1.5 s.
     elapsed = [5.0, 9.0, 12.0, 14.0, 16.0, 18.5, 20.5, 22.0, 99.0]
     assert measured_rate([{"elapsed_s": e} for e in elapsed]) == pytest.approx(2.0)
-
-
-def _rows(tokenizer_dir: Path) -> tuple[list[Row], int]:
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lines = (ROOT / "data/chat/train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
-    examples = [tokenize(to_example(json.loads(line), i, "messages"), tok, 64) for i, line in enumerate(lines, 1)]
-    return pack(examples, 64), tok.pad_token_id
-
-
-def _model(model_dir: Path) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return apply_method(AutoModelForCausalLM.from_pretrained(model_dir), MethodSpec(name="lora", r=4, alpha=8))
 
 
 def test_a_budget_sets_the_steps_and_the_estimate_holds(
