@@ -16,6 +16,7 @@ from tunelab import cli
 from tunelab.cli import app
 from tunelab.config import load_spec
 from tunelab.data.readers import iter_jsonl
+from tunelab.data.render import IGNORE
 from tunelab.errors import DataError, Problem
 from tunelab.models import ModelSource, load_tokenizer
 from tunelab.tasks import get_task
@@ -232,6 +233,22 @@ def test_train_evaluation_shows_progress_in_a_log(tiny_llama_dir: Path, tmp_path
     lines = log.getvalue().splitlines()
     assert any(line.startswith("eval before loss: ") and "rows/s" in line for line in lines), lines
     assert any(line.startswith("eval before generation: 2/2 examples") for line in lines), lines
+
+
+def test_domain_text_longer_than_a_row_is_trained_in_full(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    # Continued pre-training cuts a long text into rows instead of truncating it: every token is trained.
+    rows = _slice("domain", tmp_path / "rows.jsonl", n=4)
+    base: dict[str, Any] = {"model": {"name": str(tiny_llama_dir)}, "task": {"scenario": "domain"}}
+    base |= {"data": {"train": str(rows), "validation": str(rows)}}
+    spec = load_spec(None, ["train.max_seq_len=64"], base=base)
+    tokenizer = load_tokenizer(ModelSource(str(tiny_llama_dir)))
+    data = get_task("domain").prepare(spec, tokenizer)
+    texts = [json.loads(line)["text"] for line in rows.read_text(encoding="utf-8").splitlines()]
+    every_token = sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    trained = sum(sum(label != IGNORE for label in r.labels) for r in data.train_rows)
+    assert all(len(r.input_ids) <= 64 for r in data.train_rows)
+    assert every_token - len(texts) <= trained <= every_token + len(texts)  # give or take each text's BOS/EOS
+    assert not any("truncated" in w for w in data.warnings)
 
 
 # -- metric direction and tables --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from tokenizers import processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tunelab.data.formats import ChatExample, Message
-from tunelab.data.render import IGNORE, encode_prompt, generation_prompt, tokenize
+from tunelab.data.render import IGNORE, encode_prompt, generation_prompt, tokenize, windows
 
 CONVO = ChatExample(
     line=1,
@@ -96,6 +96,16 @@ def test_truncation_keeps_the_prefix_and_flags_it(tokenizer: PreTrainedTokenizer
     cut = tokenize(CONVO, tokenizer, max_seq_len=10)
     assert cut.truncated and not full.truncated
     assert cut.input_ids == full.input_ids[:10] and cut.labels == full.labels[:10]
+
+
+def test_raw_text_windows_keep_every_token_in_order(tokenizer: PreTrainedTokenizerBase) -> None:
+    # Continued pre-training (the domain scenario) trains on all of a long text, in rows of at most max_seq_len.
+    whole = tokenize(ChatExample(line=1, prompt="", completion="one two three four five six seven " * 6), tokenizer)
+    pieces = windows(whole, 16)
+    assert all(2 <= len(p.input_ids) <= 16 for p in pieces)
+    assert [i for p in pieces for i in p.input_ids] == whole.input_ids[: sum(len(p.input_ids) for p in pieces)]
+    assert len(whole.input_ids) - sum(len(p.input_ids) for p in pieces) <= 1  # at most a 1-token tail is dropped
+    assert [x for p in pieces for x in p.labels] == whole.labels[: sum(len(p.labels) for p in pieces)]
 
 
 def test_generation_prompt_ends_at_the_last_reply(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -54,6 +54,15 @@ def tokenize(
     return Tokenized(ids, labels, truncated)
 
 
+def windows(tokenized: Tokenized, size: int) -> list[Tokenized]:
+    """`tokenized` cut into consecutive pieces of at most `size` tokens, so raw text longer than a row is trained in
+    full rather than cut at `size` (continued pre-training reads every token, as Hugging Face's `run_clm` example
+    does). A last piece of one token is dropped: the model has nothing to predict from it."""
+    ids, labels = tokenized.input_ids, tokenized.labels
+    pieces = [Tokenized(ids[i : i + size], labels[i : i + size]) for i in range(0, len(ids), size)]
+    return [p for p in pieces if len(p.input_ids) > 1]
+
+
 def _tokenize_conversation(
     example: ChatExample, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool
 ) -> tuple[list[int], list[bool]]:

@@ -22,7 +22,7 @@ from tunelab.data.formats import ChatExample, Message
 from tunelab.data.mixing import mix
 from tunelab.data.packing import pack, unpacked
 from tunelab.data.readers import mapped, read_records, saved_split
-from tunelab.data.render import Tokenized, generation_prompt, tokenize
+from tunelab.data.render import Tokenized, generation_prompt, tokenize, windows
 from tunelab.errors import DataError, Problem, summarize
 from tunelab.evaluate import Generation, generate_batch, language_metrics
 from tunelab.metrics import LOWER_IS_BETTER
@@ -50,6 +50,7 @@ class GenerativeTask(ABC):
     max_new_tokens: int = 48  # long enough for this scenario's answers
     required: tuple[str, ...] = ()  # fields every row must have
     sampling: ClassVar[dict[str, float]] = {}  # empty: greedy decoding (deterministic answers to score)
+    windowed: bool = False  # raw text: an example longer than train.max_seq_len becomes several rows, not cut
     sources: str = ""  # after `split`: the DatasetDict splits read, each file's share of a mixture (`data:` line)
 
     @abstractmethod
@@ -153,7 +154,7 @@ class GenerativeTask(ABC):
     def prepare(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         train, val = self.split(spec)
         warnings = self.check(train, "train") + self.check_split(train, val, spec)
-        train_tok = _tokenize_all(train, tokenizer, spec, warnings, "train")
+        train_tok = _tokenize_all(train, tokenizer, spec, warnings, "train", self.windowed)
         return self._with_validation(train_tok, val, spec, tokenizer, warnings)
 
     def prepare_eval(self, spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
@@ -176,7 +177,7 @@ class GenerativeTask(ABC):
         tokenizer: PreTrainedTokenizerBase,
         warnings: list[str],
     ) -> TaskData:
-        val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation")
+        val_tok = _tokenize_all(val, tokenizer, spec, warnings, "validation", self.windowed)
         to_rows = (lambda t: pack(t, spec.train.max_seq_len)) if spec.packing else unpacked
         train_rows, val_rows = to_rows(train_tok), to_rows(val_tok)
         return TaskData(train_rows, val_rows, len(train_tok), len(val_tok), warnings, list(val), sources=self.sources)
@@ -237,8 +238,16 @@ def _hold_out(items: list[Item], spec: JobSpec) -> tuple[list[Item], list[Item]]
 
 
 def _tokenize_all(
-    items: list[Item], tokenizer: PreTrainedTokenizerBase, spec: JobSpec, warnings: list[str], split: str
+    items: list[Item],
+    tokenizer: PreTrainedTokenizerBase,
+    spec: JobSpec,
+    warnings: list[str],
+    split: str,
+    windowed: bool = False,
 ) -> list[Tokenized]:
+    if windowed:
+        whole = [tokenize(i.example, tokenizer, None, spec.task.train_on_prompt) for i in items]
+        return [piece for t in whole for piece in windows(t, spec.train.max_seq_len)]
     done = [tokenize(i.example, tokenizer, spec.train.max_seq_len, spec.task.train_on_prompt) for i in items]
     truncated = [i.example.line for i, t in zip(items, done, strict=True) if t.truncated]
     if truncated:
