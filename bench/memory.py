@@ -1,7 +1,13 @@
-"""Peak memory of LoRA (fp32) vs QLoRA vs full fine-tuning on the embedded model, each measured in its own process
-in this run, next to `tunelab plan`'s estimate for the same configuration.
+"""Peak memory of LoRA (fp32) vs QLoRA vs full fine-tuning, each measured in its own process in this run, next to
+`tunelab plan`'s estimate for the same configuration.
 
     .venv/bin/python bench/memory.py [--steps 3] [--seq-len 256] [--batch 4]
+    .venv/bin/python bench/memory.py --model tinyllama-1.1b --methods lora,qlora --steps 2 --batch 1
+
+`--model embedded` (default) is the 135M model, whose 49k-token embeddings and runtime outweigh its quantisable
+weights; `--model tinyllama-1.1b` is a Llama-shaped model of 1.1B parameters (TinyLlama's shape) with random
+weights, built and saved once as bf16 safetensors shards in the tunelab cache (memory does not depend on what the
+weights are), where the quantised projections are 88 % of the parameters.
 
 Prints, per method: peak RSS (what the OS had to give; the plan, which includes a runtime term, is compared with
 it), the runtime (RSS after importing the libraries, before any model) and the training memory above it, peak
@@ -14,29 +20,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 METHODS = ("lora", "qlora", "full")
 
 
-def child(method: str, steps: int, seq_len: int, batch: int) -> None:
+def child(model_name: str, method: str, steps: int, seq_len: int, batch: int) -> None:
     """Train `steps` steps with `method` and print peak RSS and private memory (MiB) as JSON."""
     import torch
 
+    from tunelab.allocator import release_freed_memory
     from tunelab.config import MethodSpec
     from tunelab.methods import apply_method, get_method
     from tunelab.methods.qlora import quantization_config
     from tunelab.models import load_model, resolve
 
+    if not os.environ.get("TUNELAB_BENCH_GLIBC_DEFAULT"):
+        release_freed_memory()  # as `tunelab train` does; the variable measures glibc's default for comparison
     runtime = _status_mib("VmRSS")  # the interpreter and libraries, before any model: the same for every method
     spec = MethodSpec(name=method)
     quant = quantization_config(spec) if get_method(method).quantized else None
-    model = apply_method(load_model(resolve("embedded"), quant), spec)
+    start = time.perf_counter()
+    model = apply_method(load_model(resolve(model_folder(model_name)), quant), spec)
+    loaded, load_s = _status_mib("VmRSS"), time.perf_counter() - start
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(100, 40000, (batch, seq_len))
+    ids = torch.randint(100, 30000, (batch, seq_len))
     peak_private = 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -47,7 +60,34 @@ def child(method: str, steps: int, seq_len: int, batch: int) -> None:
         peak_private = max(peak_private, _status_mib("RssAnon"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     seconds = (time.perf_counter() - start) / steps
-    print(json.dumps({"rss": rss, "private": peak_private, "runtime": runtime, "s_per_step": seconds}))
+    result = {"rss": rss, "private": peak_private, "runtime": runtime, "loaded": loaded, "load_s": load_s}
+    print(json.dumps(result | {"s_per_step": seconds}))
+
+
+def model_folder(name: str) -> str:
+    """'embedded', or the folder of the random-weight model of a known shape, built on first use."""
+    if name == "embedded":
+        return name
+    from tunelab.models import cache_dir
+
+    folder = cache_dir() / "bench" / f"{name}-random"
+    if not (folder / "config.json").is_file():
+        _build_random(name, folder)
+    return str(folder)
+
+
+def _build_random(name: str, folder: Path) -> None:
+    """Random weights in the shape of `name` (tunelab plan's known architectures), saved as bf16 safetensors shards
+    the way checkpoints of that size are published, so loading reads them shard by shard."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.plan import KNOWN
+
+    print(f"building {name} with random weights in {folder} (once)", file=sys.stderr)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(KNOWN[name], dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="500MB")
 
 
 def _status_mib(field: str) -> float:
@@ -58,10 +98,11 @@ def _status_mib(field: str) -> float:
     return int(fields[field].split()[0]) / 1024
 
 
-def planned_mib(method: str, seq_len: int, batch: int) -> float:
+def planned_mib(model_name: str, method: str, seq_len: int, batch: int) -> float:
     from tunelab.plan import KNOWN, estimate, model_shape
 
-    return estimate(model_shape(KNOWN["smollm2-135m"]), method, seq_len=seq_len, batch=batch).total / 2**20
+    shape = model_shape(KNOWN["smollm2-135m" if model_name == "embedded" else model_name])
+    return estimate(shape, method, seq_len=seq_len, batch=batch).total / 2**20
 
 
 def main() -> None:
@@ -69,28 +110,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--model", choices=("embedded", "tinyllama-1.1b"), default="embedded")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, lora first (the baseline)")
     parser.add_argument("--child", choices=METHODS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.seq_len, args.batch)
+        child(args.model, args.child, args.steps, args.seq_len, args.batch)
         return
+    model_folder(args.model)  # built before any measurement
     results = {}
-    for method in METHODS:  # one process each: peak RSS is per process and never goes down
-        cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps)]
+    for method in args.methods.split(","):  # one process each: peak RSS is per process and never goes down
+        cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps), "--model", args.model]
         cmd += ["--seq-len", str(args.seq_len), "--batch", str(args.batch)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[method] = json.loads(out.strip().splitlines()[-1])
     base = results["lora"]
-    print(f"embedded model, seq {args.seq_len} x batch {args.batch}, {args.steps} steps (MiB)")
+    print(f"{args.model} model, seq {args.seq_len} x batch {args.batch}, {args.steps} steps (MiB)")
     print("'training' = peak RSS minus the runtime (RSS after imports, before the model: the same for every method)")
-    header = f"{'method':8} {'peak RSS':>9} {'runtime':>8} {'training':>9} {'private':>8} {'plan':>7} {'plan err':>9}"
-    print(header + f" {'RSS/LoRA':>9} {'training/LoRA':>14}")
+    print("'loaded' = RSS once the model is loaded and the method applied (load s: the time that took)")
+    header = f"{'method':8} {'peak RSS':>9} {'runtime':>8} {'loaded':>7} {'training':>9} {'private':>8} {'plan':>7}"
+    print(header + f" {'plan err':>9} {'RSS/LoRA':>9} {'training/LoRA':>14} {'load s':>7} {'s/step':>7}")
     for method, r in results.items():
-        plan = planned_mib(method, args.seq_len, args.batch)
+        plan = planned_mib(args.model, method, args.seq_len, args.batch)
         training, base_training = r["rss"] - r["runtime"], base["rss"] - base["runtime"]
         print(
-            f"{method:8} {r['rss']:9.0f} {r['runtime']:8.0f} {training:9.0f} {r['private']:8.0f} {plan:7.0f} "
-            f"{100 * (plan / r['rss'] - 1):+8.0f}% {r['rss'] / base['rss']:9.2f} {training / base_training:14.2f}"
+            f"{method:8} {r['rss']:9.0f} {r['runtime']:8.0f} {r['loaded']:7.0f} {training:9.0f} {r['private']:8.0f} "
+            f"{plan:7.0f} {100 * (plan / r['rss'] - 1):+8.0f}% {r['rss'] / base['rss']:9.2f} "
+            f"{training / base_training:14.2f} {r['load_s']:7.1f} {r['s_per_step']:7.1f}"
         )
 
 

@@ -17,6 +17,7 @@ def test_known_architectures_have_their_published_sizes() -> None:
     assert model_shape(KNOWN["phi-3-mini"]).params == 3_821_079_552  # Phi-3-mini: "3.8B"
     assert model_shape(KNOWN["smollm2-135m"]).params == 134_515_008  # the embedded model, counted when loaded
     assert model_shape(KNOWN["llama-3-8b"]).params == 8_030_261_248
+    assert model_shape(KNOWN["tinyllama-1.1b"]).params == 1_100_048_384  # TinyLlama-1.1B's safetensors
 
 
 def test_lora_trainable_count_matches_peft_on_the_embedded_architecture() -> None:

@@ -450,7 +450,7 @@ def plan_cmd(
         typer.Option(
             "--model",
             "-m",
-            help="A known architecture (smollm2-135m, phi-3-mini, "
+            help="A known architecture (smollm2-135m, tinyllama-1.1b, phi-3-mini, "
             "llama-3-8b), 'embedded', or a model folder (config only).",
         ),
     ] = "embedded",

@@ -50,6 +50,15 @@ KNOWN: dict[str, PretrainedConfig] = {
         vocab_size=49152,
         tie_word_embeddings=True,
     ),
+    "tinyllama-1.1b": LlamaConfig(  # TinyLlama-1.1B's shape: where weights, not activations, dominate memory
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
     "phi-3-mini": Phi3Config(
         hidden_size=3072,
         num_hidden_layers=32,

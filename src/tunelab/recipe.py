@@ -20,6 +20,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from tunelab.abc_render import Rendering, render_samples, rendering_line
+from tunelab.allocator import release_freed_memory
 from tunelab.benchmarks import benchmark_metrics, check_benchmarks, run_benchmarks, with_benchmarks
 from tunelab.config import JobSpec
 from tunelab.data.packing import Row
@@ -64,6 +65,7 @@ def run_job(
     spec: JobSpec, resume: bool = False, console: Console | None = None, stop_after: int | None = None
 ) -> RunSummary:
     world = current_world()
+    release_freed_memory()  # before any model: blocks allocated earlier stay where they are
     init_process_group(spec.distributed, world)
     # Under a launcher every process runs this function; only rank 0 talks, evaluates and exports.
     console = (console or Console(stderr=True)) if world.is_main else Console(quiet=True)

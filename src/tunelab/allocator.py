@@ -1,0 +1,33 @@
+"""Give freed tensor memory back to the operating system as soon as it is freed.
+
+PyTorch's CPU tensors come from the C library's malloc. glibc serves a block of at least its *mmap threshold* with a
+private mapping that `free` returns to the OS at once, and smaller blocks from its heap, which keeps them. The
+threshold starts at 128 KiB but rises to the size of each mapped block freed (up to 32 MiB), so after the first few
+steps every activation and every temporary up to 32 MiB comes from the heap, where fragmentation keeps freed blocks
+resident: peak memory then counts temporaries long gone. Measured on a 1.1B Llama-shaped model (`bench/memory.py
+--model tinyllama-1.1b`, 2 steps of 256 tokens): QLoRA's dequantised per-layer weights (up to 46 MB each, freed after
+each matmul) held peak private memory at 4,863 MiB, 1,684 MiB with a fixed 1 MiB threshold; LoRA 7,156 -> 4,857 MiB;
+time per step unchanged within the run's noise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+THRESHOLD_BYTES = 1 << 20
+
+
+def release_freed_memory() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB for this process (it also stops the threshold from rising). True when
+    applied; elsewhere (macOS, musl, Windows) a no-op: those allocators do not have this behaviour or this knob."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES) == 1)
