@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/memory.py [--steps 3] [--seq-len 256] [--batch 4]
     .venv/bin/python bench/memory.py --model tinyllama-1.1b --methods lora,qlora --steps 2 --batch 1
+    TUNELAB_BENCH_MALLOC=fixed .venv/bin/python bench/memory.py ...   # glibc's threshold fixed for every method
 
 `--model embedded` (default) is the 135M model, whose 49k-token embeddings and runtime outweigh its quantisable
 weights; `--model tinyllama-1.1b` is a Llama-shaped model of 1.1B parameters (TinyLlama's shape) with random
@@ -40,8 +41,10 @@ def child(model_name: str, method: str, steps: int, seq_len: int, batch: int) ->
     from tunelab.methods.qlora import quantization_config
     from tunelab.models import load_model, resolve
 
-    if not os.environ.get("TUNELAB_BENCH_GLIBC_DEFAULT"):
-        release_freed_memory()  # as `tunelab train` does; the variable measures glibc's default for comparison
+    # As `tunelab train` does (QLoRA only); TUNELAB_BENCH_MALLOC=default or =fixed measures either way for any method.
+    chosen = os.environ.get("TUNELAB_BENCH_MALLOC", "fixed" if get_method(method).quantized else "default")
+    if chosen == "fixed":
+        release_freed_memory()
     runtime = _status_mib("VmRSS")  # the interpreter and libraries, before any model: the same for every method
     spec = MethodSpec(name=method)
     quant = quantization_config(spec) if get_method(method).quantized else None

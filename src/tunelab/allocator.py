@@ -6,8 +6,13 @@ threshold starts at 128 KiB but rises to the size of each mapped block freed (up
 steps every activation and every temporary up to 32 MiB comes from the heap, where fragmentation keeps freed blocks
 resident: peak memory then counts temporaries long gone. Measured on a 1.1B Llama-shaped model (`bench/memory.py
 --model tinyllama-1.1b`, 2 steps of 256 tokens): QLoRA's dequantised per-layer weights (up to 46 MB each, freed after
-each matmul) held peak private memory at 4,863 MiB, 1,684 MiB with a fixed 1 MiB threshold; LoRA 7,156 -> 4,857 MiB;
-time per step unchanged within the run's noise.
+each matmul) held peak private memory at 4,863 MiB, 1,684 MiB with a fixed 1 MiB threshold; LoRA 7,156 -> 4,857 MiB.
+
+It has a price: every large allocation is then a fresh mapping whose pages the kernel zeroes on first touch. On the
+135M embedded model (LoRA, 8 rows of 256 tokens, idle 2-core Xeon) a step took 15.5 s instead of 10.4 (peak RSS 6.3
+instead of 10.2 GiB); on the 1.1B model, whose matmuls are large next to its activations, the time per step did not
+change within the noise of a shared machine. So `tunelab train` applies it to QLoRA runs only, where memory is the
+point of the method.
 """
 
 from __future__ import annotations

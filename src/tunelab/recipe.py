@@ -65,7 +65,8 @@ def run_job(
     spec: JobSpec, resume: bool = False, console: Console | None = None, stop_after: int | None = None
 ) -> RunSummary:
     world = current_world()
-    release_freed_memory()  # before any model: blocks allocated earlier stay where they are
+    if get_method(spec.method.name).quantized:  # before any model: blocks allocated earlier stay where they are
+        release_freed_memory()
     init_process_group(spec.distributed, world)
     # Under a launcher every process runs this function; only rank 0 talks, evaluates and exports.
     console = (console or Console(stderr=True)) if world.is_main else Console(quiet=True)
