@@ -142,6 +142,18 @@ def _wait_healthy(service: LiveService, timeout: float = 90) -> None:
     raise RuntimeError(f"service not healthy after {timeout}s:\n{service.output()}")
 
 
+def api_key(data_dir: Path, project: str, database: str | None = None) -> str:
+    """A new API key for `project`, made as a user makes one: `tunelab service keys create`."""
+    from typer.testing import CliRunner
+
+    from tunelab.job_service.cli import app as service_cli
+
+    args = ["keys", "create", "--project", project, "--data-dir", str(data_dir)]
+    result = CliRunner().invoke(service_cli, args + (["--database", database] if database else []))
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 90, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

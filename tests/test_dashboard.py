@@ -18,11 +18,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from service_support import FAST, LiveService, chat_file, live_service
+from service_support import FAST, LiveService, api_key, chat_file, live_service
 from tunelab.job_service.api import create_app
-from tunelab.job_service.cli import app as service_cli
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Store
 
@@ -104,12 +102,6 @@ class Site:
     shots: Path
 
 
-def _key(data_dir: Path, project: str) -> str:
-    result = CliRunner().invoke(service_cli, ["keys", "create", "--project", project, "--data-dir", str(data_dir)])
-    assert result.exit_code == 0, result.output
-    return result.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[Site]:
     if not CHROMIUM.exists():
@@ -124,7 +116,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iter
     shots = Path(SHOTS) if SHOTS else tmp / "shots"
     shots.mkdir(parents=True, exist_ok=True)
     with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, workers=1) as service:
-        keys = {name: _key(service.data_dir, name) for name in ("dash", "other")}
+        keys = {name: api_key(service.data_dir, name) for name in ("dash", "other")}
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
             yield Site(service, service.url.removesuffix("/v1"), keys, browser, train, bad, shots)

@@ -25,7 +25,6 @@ import torch
 from openai import OpenAI
 from openai.types.fine_tuning import FineTuningJob
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from ray_cluster import TwoNodes, two_nodes
 from service_support import (
@@ -33,12 +32,12 @@ from service_support import (
     FAST,
     NO_EVAL,
     LiveService,
+    api_key,
     chat_file,
     live_service,
     postgres_schema_url,
     wait_for,
 )
-from tunelab.job_service.cli import app as service_cli
 from tunelab.job_service.store import Store
 from tunelab.layout import RunLayout
 
@@ -96,13 +95,6 @@ class Live:
         return [e.message for e in self.client.fine_tuning.jobs.list_events(job_id, limit=1000)][::-1]
 
 
-def _key(data_dir: Path, database: str | None, project: str) -> str:
-    args = ["keys", "create", "--project", project, "--data-dir", str(data_dir)]
-    result = CliRunner().invoke(service_cli, args + (["--database", database] if database else []))
-    assert result.exit_code == 0, result.output
-    return result.stdout.strip().splitlines()[-1]
-
-
 def _database(kind: str, name: str) -> str | None:
     return postgres_schema_url(name) if kind == "postgresql" else None
 
@@ -111,7 +103,7 @@ def _database(kind: str, name: str) -> str | None:
 def _live(tmp: Path, tiny_llama_dir: Path, database: str | None, extra: tuple[str, ...] = ()) -> Iterator[Live]:
     with live_service(tmp / "svc", {"tiny": tiny_llama_dir}, database, extra=extra) as service:
         store = Store(database or f"sqlite:///{service.data_dir / 'service.db'}", pool_size=2)
-        keys = [_key(service.data_dir, database, name) for name in ("e2e", "other")]
+        keys = [api_key(service.data_dir, name, database) for name in ("e2e", "other")]
         clients = [OpenAI(base_url=service.url, api_key=key, max_retries=0) for key in keys]
         yield Live(service, database, extra, store, *clients, chat_file(tmp / "train.jsonl"))
         store.close()

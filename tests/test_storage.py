@@ -4,7 +4,6 @@ adapter as an uninterrupted run; the bucket then holds the adapter, the report a
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +14,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from s3_support import moto_bucket
 from tunelab.cli import app
 from tunelab.config import load_spec
 from tunelab.errors import ConfigError
+from tunelab.layout import RunLayout, checkpoint_name
 from tunelab.recipe import run_job
+from tunelab.storage import RunMirror
 
 ROOT = Path(__file__).parents[1]
 BUCKET = "tunelab-test"
@@ -26,31 +28,8 @@ BUCKET = "tunelab-test"
 
 @pytest.fixture(scope="module")
 def fs() -> Iterator[Any]:
-    """A moto S3 server on a free loopback port, with the credentials and endpoint s3fs reads from the env."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    bucket = s3fs.S3FileSystem(skip_instance_cache=True)
-    bucket.mkdir(BUCKET)
-    yield bucket
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.stop()
+    with moto_bucket(BUCKET) as bucket:
+        yield bucket
 
 
 def _spec(tmp_path: Path, model_dir: Path, run: str) -> Path:
@@ -93,3 +72,19 @@ def test_a_stopped_run_resumes_from_the_bucket_on_a_new_machine(fs: Any, tiny_ll
 def test_a_bad_storage_url_names_the_field(tmp_path: Path, tiny_llama_dir: Path) -> None:
     with pytest.raises(ConfigError, match="storage"):
         load_spec(_spec(tmp_path, tiny_llama_dir, "x"), ["storage=bucket/prefix"])
+
+
+def test_a_checkpoint_half_uploaded_is_never_resumed_from(tmp_path: Path) -> None:
+    """A machine killed while uploading leaves a remote checkpoint without its marker: the previous one counts."""
+    run = tmp_path / "run"
+    done, partial = (RunLayout(run).checkpoints / checkpoint_name(s) for s in (2, 4))
+    for folder in (done, partial):
+        folder.mkdir(parents=True)
+        (folder / "trainable.safetensors").write_bytes(b"weights")
+    mirror = RunMirror(f"file://{tmp_path / 'bucket'}", run, keep_last=2)
+    mirror.push_checkpoint(done)
+    mirror._put(partial / "trainable.safetensors")  # its first file only: the upload stopped there
+    assert mirror.latest_remote_step() == 2
+    shutil.rmtree(run)
+    assert mirror.pull_latest_checkpoint() == done and (done / "trainable.safetensors").read_bytes() == b"weights"
+    assert not partial.exists()

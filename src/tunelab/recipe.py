@@ -77,8 +77,8 @@ def run_job(
     if world.is_main:
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         layout.spec.write_text(spec_text, encoding="utf-8")
-    mirror = RunMirror(spec.storage, out) if spec.storage and world.is_main else None
-    if mirror is not None and resume and latest_checkpoint(layout.checkpoints) is None:
+    mirror = RunMirror(spec.storage, out, spec.checkpoints.keep_last) if spec.storage and world.is_main else None
+    if mirror is not None and resume and _remote_is_newer(mirror, layout):
         console.print(f"fetching the latest checkpoint from {mirror.url}")
         mirror.pull_latest_checkpoint()
     barrier(world)  # the other processes look for the checkpoint rank 0 may have fetched
@@ -316,6 +316,13 @@ def _merge(
 
     base = dequantized_base(model, load_model(source))
     return save_merged(PeftModel.from_pretrained(base, str(adapter)), tokenizer, out)
+
+
+def _remote_is_newer(mirror: RunMirror, layout: RunLayout) -> bool:
+    """Whether the bucket has a later checkpoint than this machine (which may have run the job before)."""
+    local = latest_checkpoint(layout.checkpoints)
+    remote = mirror.latest_remote_step()
+    return remote is not None and (local is None or remote > (checkpoint_step(local) or 0))
 
 
 def _resume_point(layout: RunLayout, resume: bool) -> Path | None:

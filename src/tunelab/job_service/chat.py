@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.errors import not_found
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Store
@@ -41,14 +42,15 @@ def find_target(settings: ServiceSettings, store: Store, project_id: str, name: 
     if model is not None:
         job = store.jobs.by_id(model.job_id)
         assert job is not None  # a model row is written in the same transaction as its job's success
-        folder = Path(model.path)
+        folder = Artefacts.of(settings).local(Path(model.path))  # from the bucket when this node has no copy
         merged = folder == RunLayout(folder.parent).merged
         return Target(name, job.spec["model"]["name"], folder, merged=merged)
     checkpoint = store.models.checkpoint(project_id, name)
     if checkpoint is not None:
         job = store.jobs.by_id(checkpoint.job_id)
         assert job is not None
-        return Target(name, job.spec["model"]["name"], checkpoint=Path(checkpoint.path), spec=job.spec)
+        path = Artefacts.of(settings).local(Path(checkpoint.path))
+        return Target(name, job.spec["model"]["name"], checkpoint=path, spec=job.spec)
     raise not_found("model", name, "model")
 
 

@@ -92,11 +92,15 @@ def service(
     ray_memory_mb_per_job: Annotated[
         int | None, typer.Option(help="--executor ray: memory (MiB) each job reserves (default: none).")
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Keep uploads, result files and job folders in object storage too, e.g. s3://bucket/prefix."),
+    ] = None,
 ) -> None:
     """Start the API and N workers (Ctrl-C stops them; running jobs are checkpointed and resume on restart)."""
     if ctx.invoked_subcommand is not None:
         return
-    _require_extras(database, executor.value)
+    _require_extras(database, executor.value, storage)
     if executor is Executor.local and ray_address is not None:
         raise typer.BadParameter("--ray-address needs --executor ray", param_hint="--ray-address")
     from tunelab.job_service.supervisor import serve
@@ -120,6 +124,7 @@ def service(
         ray_cpus_per_job=ray_cpus_per_job,
         ray_gpus_per_job=ray_gpus_per_job,
         ray_memory_mb_per_job=ray_memory_mb_per_job,
+        storage=storage,
     )
     try:
         serve(settings, console, stop_timeout)
@@ -127,9 +132,9 @@ def service(
         _fail(exc)
 
 
-def _require_extras(database: str | None, executor: str = "local") -> None:
+def _require_extras(database: str | None, executor: str = "local", storage: str | None = None) -> None:
     """The service's packages (an extra: the base install trains and serves without them) before anything imports
-    them, psycopg for a PostgreSQL database, and Ray for --executor ray."""
+    them, psycopg for a PostgreSQL database, Ray for --executor ray, and s3fs for --storage s3://..."""
     from tunelab.extras import require
 
     try:
@@ -138,6 +143,8 @@ def _require_extras(database: str | None, executor: str = "local") -> None:
             require("postgres", "a PostgreSQL database (--database postgresql://...)")
         if executor == "ray":
             require("ray", "tunelab service --executor ray")
+        if storage is not None and storage.startswith(("s3://", "s3a://")):
+            require("storage", f"tunelab service --storage {storage}")
     except TunelabError as exc:
         _fail(exc)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from tunelab.data.preference import check_pairs_file, looks_like_pairs
 from tunelab.data.readers import iter_jsonl
 from tunelab.data.validate import validate_chat_file
 from tunelab.errors import Problem
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.db import FileRow
 from tunelab.job_service.errors import ApiError, bad_request, not_found
 from tunelab.job_service.ids import new_id, now
@@ -59,7 +59,7 @@ def list_files(
     return store.files.page(project_id, purpose, ascending, after, limit)
 
 
-def delete_file(store: Store, project_id: str, file_id: str) -> None:
+def delete_file(settings: ServiceSettings, store: Store, project_id: str, file_id: str) -> None:
     """Mark the file deleted and remove its content, unless a job that has not ended trains on it."""
     get_file(store, project_id, file_id)  # another project's file is a 404, not a "file in use"
     if store.files.in_use(file_id):
@@ -67,14 +67,14 @@ def delete_file(store: Store, project_id: str, file_id: str) -> None:
     row = store.files.delete(project_id, file_id)
     if row is None:  # deleted by a concurrent request since the lookup
         raise not_found("file", file_id)
-    delete_file_content(row)
+    Artefacts.of(settings).remove(Path(row.path))
 
 
 def validate_uploaded(settings: ServiceSettings, store: Store, rows: Iterable[FileRow]) -> None:
     """Validate the files, then move on the jobs that were waiting for them."""
     for row in rows:
         try:
-            validate_stored_file(store, row, settings.max_line_bytes)
+            validate_stored_file(Artefacts.of(settings), store, row, settings.max_line_bytes)
         except Exception:  # the store itself failed: log it, and let the next file (and restart) try again
             log.exception("validating %s", row.id)
     advance_validating(settings, store)
@@ -91,6 +91,7 @@ def save_upload(
     # Stored by id, never by the user's name; the extension tells tunelab's readers the format.
     target = settings.files_dir / f"{file_id}.jsonl"
     size = _copy_limited(stream, target, settings.max_file_bytes)
+    Artefacts.of(settings).push(target)  # before the row exists: a job can only name a file every node can read
     row = FileRow(
         id=file_id,
         project_id=project_id,
@@ -137,9 +138,9 @@ def _first_row_is_pair(path: Path) -> bool:
     return first is not None and isinstance(first.data, dict) and looks_like_pairs(first.data)
 
 
-def validate_stored_file(store: Store, row: FileRow, max_line_bytes: int) -> FileCheck:
+def validate_stored_file(artefacts: Artefacts, store: Store, row: FileRow, max_line_bytes: int) -> FileCheck:
     try:
-        check = check_file(Path(row.path), max_line_bytes)
+        check = check_file(artefacts.local(Path(row.path)), max_line_bytes)
     except Exception as exc:  # any crash of a check is this file's error, never an endless `uploaded`
         log.exception("validating %s", row.id)
         check = _result(0, [_crash_problem(Path(row.path), exc)])
@@ -164,10 +165,6 @@ def _failing_line(exc: BaseException) -> int | None:
             return number
         tb = tb.tb_next
     return None
-
-
-def delete_file_content(row: FileRow) -> None:
-    Path(row.path).unlink(missing_ok=True)
 
 
 def _huge_lines(path: Path, limit: int) -> list[Problem]:
@@ -218,7 +215,3 @@ def describe(problems: list[dict[str, Any]], shown: int = 5) -> str:
         parts.append(f"{where}[{p['code']}] {p['message']}{hint}")
     more = f"; and {len(problems) - shown} more problem(s)" if len(problems) > shown else ""
     return "; ".join(parts) + more
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

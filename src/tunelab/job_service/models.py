@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.chat import ChatModels
 from tunelab.job_service.errors import ApiError, not_found
-from tunelab.job_service.files import remove_tree
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Store
 from tunelab.layout import RunLayout
@@ -53,8 +53,9 @@ def delete_model(settings: ServiceSettings, store: Store, chat: ChatModels, proj
     if row is None:
         raise not_found("model", name)
     chat.forget(name)  # a loaded copy would otherwise keep answering under a deleted name
+    artefacts = Artefacts.of(settings)
     for folder in model_folders(Path(row.path)):
-        remove_tree(folder)
+        artefacts.remove(folder)
 
 
 def model_folders(path: Path) -> list[Path]:

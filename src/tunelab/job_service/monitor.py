@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import JobSpec
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.db import CheckpointRow, JobRow
-from tunelab.job_service.files import remove_tree
 from tunelab.job_service.ids import new_id, now
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Event, Progress, Store
@@ -127,6 +127,7 @@ class Monitor:
         self.metrics = MetricsTail(layout.metrics, job.last_step)
         self.checkpoints = layout.checkpoints
         self.known_steps = store.models.checkpoint_steps(job.id)
+        self.artefacts = Artefacts.of(settings)
         self.history: dict[int, dict[str, Any]] = {}
         self.last_row: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -203,7 +204,7 @@ class Monitor:
         self.known_steps.add(step)
         event = Event(f"Checkpoint created at step {step}", data={"step": step})
         for old in self.store.models.add_checkpoint(self._checkpoint_row(path, step), self.job.keep_checkpoints, event):
-            remove_tree(Path(old))
+            self.artefacts.remove(Path(old))  # here and in the bucket: the database no longer lists it
 
     def _checkpoint_row(self, path: Path, step: int) -> CheckpointRow:
         loss = self.history.get(step, {}).get("loss")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from tunelab.atomic import write_atomic
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.db import FileRow, JobRow, ModelRow
 from tunelab.job_service.ids import new_id, now
 from tunelab.job_service.monitor import fine_tuned_name
@@ -68,6 +69,7 @@ def _file(settings: ServiceSettings, job: JobRow, name: str, content: bytes) -> 
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     target = settings.files_dir / f"{file_id}{Path(name).suffix}"
     write_atomic(target, content)
+    Artefacts.of(settings).push(target)
     return FileRow(
         id=file_id,
         project_id=job.project_id,

@@ -17,6 +17,12 @@ class ServiceSettings(BaseModel):
 
     data_dir: Path = Field(Path("tunelab-service"), description="Uploaded files, job folders and the SQLite file.")
     database: str | None = Field(None, description="SQLAlchemy URL; default: SQLite (WAL) in data_dir.")
+    storage: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9+.-]*://.+",
+        description="Object storage (s3://bucket/prefix) that keeps uploads, result files and job folders for every "
+        "node; data_dir is then each node's local copy.",
+    )
     models: dict[str, str] = Field(
         default_factory=dict, description="Base models jobs may use besides 'embedded': name -> folder."
     )

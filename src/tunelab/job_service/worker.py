@@ -26,16 +26,18 @@ from rich.console import Console
 
 from tunelab.config import JobSpec
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.db import JobRow
 from tunelab.job_service.ids import now
 from tunelab.job_service.monitor import EventLog, Monitor, fine_tuned_name
 from tunelab.job_service.results import model_row, result_files
 from tunelab.job_service.settings import ServiceSettings
 from tunelab.job_service.store import Event, Store
-from tunelab.layout import RunLayout
+from tunelab.layout import RunLayout, checkpoint_name, checkpoint_step
 from tunelab.metrics import lower_is_better
 from tunelab.recipe import RunSummary, run_job
 from tunelab.report import compare
+from tunelab.storage import RunMirror
 from tunelab.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger("tunelab.job_service.worker")
@@ -100,10 +102,10 @@ class Worker:
         self.request_stop("shutdown")
 
     def run_one(self, job: JobRow) -> None:
-        spec = JobSpec.model_validate(job.spec)
+        spec = self._spec_here(JobSpec.model_validate(job.spec))
         self._stop_reason, self._absorbed_at, self._resent = None, None, False
-        resume_from = latest_checkpoint(RunLayout(Path(spec.output_dir)).checkpoints)
-        started = f"Resuming from checkpoint {resume_from.name}" if resume_from else "Fine-tuning job started"
+        resume_from = self._resume_point(spec)
+        started = f"Resuming from checkpoint {resume_from}" if resume_from else "Fine-tuning job started"
         where = {"worker": self.id, "pid": os.getpid(), "lost_workers": job.attempts}
         self.store.jobs.add_events(job.id, [Event(started, data=where)])
         event_log = EventLog(self.store, job.id, spec)
@@ -113,12 +115,33 @@ class Worker:
         with Monitor(self.settings, self.store, job, self.id, event_log, self.on_tick) as monitor:
             self._monitor = monitor
             try:
-                summary = run_job(spec, resume=resume_from is not None, console=console)
+                summary = run_job(spec, resume=resume_from is not None, console=console)  # fetches it if remote
             except (Exception, KeyboardInterrupt) as exc:  # any failure is the job's, not the worker's
                 error = exc
                 log.error("job %s: %s", job.id, "".join(traceback.format_exception(exc)))
             self._monitor = None
         self._finish(job, summary, error, monitor.metrics.last_step)
+
+    def _spec_here(self, spec: JobSpec) -> JobSpec:
+        """The job's spec on this node: with object storage, its data files fetched if they are not here, and its
+        folder mirrored to the bucket as it trains."""
+        artefacts = Artefacts.of(self.settings)
+        if artefacts.jobs_url is None:
+            return spec
+        for path in (spec.data.train, spec.data.validation):
+            if isinstance(path, Path):  # the service names one uploaded file for each
+                artefacts.local(path)
+        return spec.model_copy(update={"storage": artefacts.jobs_url})
+
+    def _resume_point(self, spec: JobSpec) -> str | None:
+        """The name of the latest checkpoint, here or (with object storage) in the bucket; None for a fresh start."""
+        layout = RunLayout(Path(spec.output_dir))
+        local = latest_checkpoint(layout.checkpoints)
+        step = checkpoint_step(local) if local is not None else None
+        remote = RunMirror(spec.storage, layout.root).latest_remote_step() if spec.storage else None
+        if remote is not None and (step is None or remote > step):
+            return checkpoint_name(remote)
+        return local.name if local is not None else None
 
     # Stopping a running job.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Query, UploadFile
@@ -10,6 +11,7 @@ from fastapi.responses import FileResponse
 from tunelab.job_service import files as service
 from tunelab.job_service.api.deps import ContextDep, ProjectDep
 from tunelab.job_service.api.views import file_view
+from tunelab.job_service.artefacts import Artefacts
 from tunelab.job_service.schemas import FileDeleted, FileObject, ListPage
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -50,10 +52,11 @@ def retrieve_file(ctx: ContextDep, project: ProjectDep, file_id: str) -> FileObj
 @router.get("/{file_id}/content")
 def file_content(ctx: ContextDep, project: ProjectDep, file_id: str) -> FileResponse:
     row = service.get_file(ctx.store, project.id, file_id)
-    return FileResponse(row.path, filename=row.filename, media_type="application/octet-stream")
+    path = Artefacts.of(ctx.settings).local(Path(row.path))  # from the bucket when this node has no copy
+    return FileResponse(path, filename=row.filename, media_type="application/octet-stream")
 
 
 @router.delete("/{file_id}")
 def delete_file(ctx: ContextDep, project: ProjectDep, file_id: str) -> FileDeleted:
-    service.delete_file(ctx.store, project.id, file_id)
+    service.delete_file(ctx.settings, ctx.store, project.id, file_id)
     return FileDeleted(id=file_id, deleted=True)
