@@ -6,8 +6,8 @@ FROM python:3.11-slim
 
 # torch is pinned as in pyproject.toml; the index decides the build (PyPI's default wheel for Linux is CUDA's).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# The extras: ZeRO, QLoRA, the service on PostgreSQL, Ray Train, trackers (see pyproject.toml).
-ARG EXTRAS=deepspeed,qlora,postgres,ray,trackers
+# The extras: ZeRO, QLoRA, the service on PostgreSQL, Ray Train, trackers, object storage (see pyproject.toml).
+ARG EXTRAS=deepspeed,qlora,postgres,ray,trackers,storage
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 TUNELAB_CACHE=/var/cache/tunelab
 

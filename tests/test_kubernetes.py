@@ -41,7 +41,7 @@ def _find(objects: dict[str, dict[str, Any]], kind: str, prefix: str) -> dict[st
     return found[0]
 
 
-@pytest.mark.parametrize("folder", ["service", "ray", "finetune"])
+@pytest.mark.parametrize("folder", ["service", "service-s3", "ray", "finetune"])
 def test_each_part_renders_on_its_own(folder: str) -> None:
     assert _render(DEPLOY / folder)
 
@@ -95,6 +95,24 @@ def test_the_service_arguments_parse(objects: dict[str, dict[str, Any]]) -> None
     assert _find(objects, "Secret", secret["name"])["data"][secret["key"]]  # the generated name is the one used
     with pytest.raises(Exception, match="no-such-option"):
         _parse([*args, "--no-such-option"])
+
+
+def test_the_service_with_object_storage_is_valid_and_its_arguments_parse() -> None:
+    """The overlay (not in the whole: it replaces the service) adds --storage and the bucket's credentials."""
+    objects = {f"{o['kind']}/{o['metadata']['name']}": o for o in _render(DEPLOY / "service-s3")}
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    container = _find(objects, "Deployment", "tunelab-service")["spec"]["template"]["spec"]["containers"][0]
+    assert "--storage=$(STORAGE_URL)" in container["args"]
+    urls = {"$(DATABASE_URL)": "postgresql://u:p@h/db", "$(STORAGE_URL)": "s3://bucket/prefix"}
+    args = container["args"]
+    for variable, value in urls.items():
+        args = [arg.replace(variable, value) for arg in args]
+    _parse(args)
+    config = next(e["valueFrom"]["configMapKeyRef"] for e in container["env"] if e["name"] == "STORAGE_URL")
+    assert _find(objects, "ConfigMap", config["name"])["data"]["url"].startswith("s3://")
+    secret = _find(objects, "Secret", container["envFrom"][0]["secretRef"]["name"])
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["data"])
 
 
 def test_the_finetune_job_trains_and_a_retried_pod_resumes(
