@@ -87,3 +87,90 @@ def test_qdora_trains_and_stays_an_adapter(tiny_llama_dir: Path, tmp_path: Path)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert (tmp_path / "run/adapter/adapter_config.json").is_file() and not (tmp_path / "run/merged").exists()
+
+
+def _mapped(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def test_quantising_reads_the_checkpoint_without_mapping_it(tiny_llama_dir: Path) -> None:
+    """While a QLoRA model loads, transformers' safetensors reader uses pread, so the checkpoint's pages never count
+    in the process's memory; outside the load it maps the file as before."""
+    import transformers.modeling_utils as loading
+
+    from tunelab.models import _read_not_mapped
+
+    checkpoint = (tiny_llama_dir / "model.safetensors").resolve()
+    with _read_not_mapped(), loading.safe_open(str(checkpoint), framework="pt", device="cpu", backend="mmap") as f:
+        assert not _mapped(checkpoint)
+        read = {k: f.get_slice(k)[:] for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    with loading.safe_open(str(checkpoint), framework="pt", device="cpu", backend="mmap") as f:
+        assert _mapped(checkpoint)  # the check above can fail: the same call maps the file outside the block
+        for key, tensor in read.items():
+            assert torch.equal(f.get_tensor(key), tensor)
+    assert loading.safe_open.__name__ == "safe_open"  # set back
+
+
+def test_qlora_recomputes_activations_by_default_and_false_turns_it_off(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gradient_checkpointing: auto` is on for QLoRA even with memory to spare (its point is memory), with the
+    same losses as without; `false` turns it off."""
+    import io
+
+    import transformers.modeling_utils as modeling
+    from rich.console import Console
+
+    import tunelab.recipe
+    from tunelab.config import load_spec
+
+    calls: list[int] = []
+    original = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(tunelab.recipe, "available_memory", lambda processes=1: 1e3 * 2**30)  # 1,000 GiB free
+
+    def run(setting: str) -> tuple[str, list[float]]:
+        out = tmp_path / setting
+        overrides = ["train.max_steps=3", "eval.enabled=false", f"output_dir={out}"]
+        overrides += [] if setting == "auto" else [f"train.gradient_checkpointing={setting}"]
+        log = io.StringIO()
+        tunelab.recipe.run_job(load_spec(_spec(tmp_path, tiny_llama_dir, ", dropout: 0.0"), overrides),
+                               console=Console(file=log, width=200))  # fmt: skip
+        line = next(x for x in log.getvalue().splitlines() if x.startswith("activation checkpointing:"))
+        return line, [json.loads(row)["loss"] for row in (out / "metrics.jsonl").read_text().splitlines()]
+
+    line, auto = run("auto")
+    assert line.startswith("activation checkpointing: on (auto: on for a quantised base") and len(calls) == 3 * 2
+    line, off = run("false")
+    assert line.startswith("activation checkpointing: off") and len(calls) == 3 * 2  # no more calls
+    assert auto == pytest.approx(off, abs=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "backend"), [(torch.bfloat16, "pread"), (torch.float32, "mmap")])
+def test_a_checkpoint_loaded_in_another_dtype_is_read_not_mapped(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, backend: str
+) -> None:
+    """A bf16 checkpoint becomes fp32 copies, so its file is read (pread) rather than mapped beside them; an fp32
+    one is used in place, mapped. Either way the weights are the checkpoint's."""
+    import shutil
+
+    import transformers.modeling_utils as loading
+
+    folder = tmp_path / str(dtype)
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).is_file():
+            shutil.copy(tiny_llama_dir / name, folder / name)
+    backends: list[str] = []
+    opened = loading.safe_open
+
+    def recording(*args: object, **kwargs: object) -> object:
+        backends.append(str(kwargs.get("backend", "")))
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "safe_open", recording)
+    model = load_model(resolve(str(folder)))
+    assert backends == [backend]
+    expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, expected[key]), key

@@ -463,7 +463,10 @@ def plan_cmd(
     device_memory: Annotated[float, typer.Option(help="GiB per device (default: this machine's RAM).")] = 0.0,
     tflops: Annotated[float, typer.Option(help="Device TFLOP/s (default: measured here, fp32 matmul).")] = 0.0,
     bf16: Annotated[bool, typer.Option(help="bf16 weights and activations (GPUs).")] = False,
-    checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
+    checkpointing: Annotated[
+        bool | None,
+        typer.Option(help="Activation checkpointing (default: as `tunelab train` does, on for qlora only)."),
+    ] = None,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
 ) -> None:
     """Will it fit? Memory per device and time per step for each method and strategy, and a recommendation."""
@@ -477,7 +480,7 @@ def plan_cmd(
     shape = model_shape(load_config(model))
     memory = device_memory or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     flops = tflops * 1e12 if tflops else measure_flops()
-    common = {"rank": rank, "bf16": bf16, "checkpointing": checkpointing, "flops": flops}
+    common = {"rank": rank, "bf16": bf16, "flops": flops}
     out.print(
         f"{model}: {shape.params:,} parameters, {shape.layers} layers; {memory:.1f} GiB per device, "
         f"{flops / 1e12:.2f} TFLOP/s per device ({'given' if tflops else 'measured fp32 matmul'})"
@@ -485,7 +488,10 @@ def plan_cmd(
     table = Table(title=f"memory per device (GiB), seq {seq_len} x batch {batch}")
     for col in ("method", "strategy", "weights", "grads", "optimizer", "activations", "total", "s/step", "fits"):
         table.add_column(col)
-    rows = plan_table(shape, seq_len=seq_len, batch=batch, devices=devices, device_memory_gib=memory, **common)
+    rows = plan_table(
+        shape, seq_len=seq_len, batch=batch, devices=devices, device_memory_gib=memory, checkpointing=checkpointing,
+        **common,
+    )
     for est, fits in rows:
         parts = (est.weights, est.gradients, est.optimizer, est.activations, est.total)
         name = f"[bold]{est.method}[/]" if est.method == method else est.method  # the method asked about

@@ -301,7 +301,8 @@ class TrainSpec(_Spec):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute activations in backward: less memory, about a third more compute. auto (the "
-        "default): on only when `tunelab plan`'s estimate for this run without it exceeds the memory available.",
+        "default): on for QLoRA, else only when `tunelab plan`'s estimate for this run without it exceeds the memory "
+        "available.",
     )
     chunked_loss: bool = Field(
         True,

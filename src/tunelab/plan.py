@@ -167,7 +167,9 @@ def estimate(
     if offload == "parameters":
         weights, w_div = 0.0, 1
     tokens = seq_len * batch
-    flops_per_token = (6 if full else 4) * shape.params
+    # Forward 2N, backward 2N for the input gradients (+2N for weight gradients when every weight trains); the
+    # recomputed forward of checkpointing adds 2N.
+    flops_per_token = ((6 if full else 4) + (2 if checkpointing else 0)) * shape.params
     return Estimate(
         method=method,
         strategy=strategy if offload == "none" else f"{strategy}+offload({offload})",
@@ -230,9 +232,17 @@ def available_memory(processes: int = 1) -> float:
 
 
 def plan_table(
-    shape: Shape, *, seq_len: int, batch: int, devices: int, device_memory_gib: float, **kwargs: Any
+    shape: Shape,
+    *,
+    seq_len: int,
+    batch: int,
+    devices: int,
+    device_memory_gib: float,
+    checkpointing: bool | None = None,
+    **kwargs: Any,
 ) -> list[tuple[Estimate, bool]]:
-    """Every method x strategy worth considering, with whether it fits in `device_memory_gib`."""
+    """Every method x strategy worth considering, with whether it fits in `device_memory_gib`. `checkpointing`
+    None: as `tunelab train`'s auto does it, on for QLoRA only."""
     strategies: list[tuple[Strategy, Offload]] = [("single", "none")]
     if devices > 1:
         strategies = [("ddp", "none"), ("zero2", "none"), ("zero3", "none"), ("zero3", "optimizer")]
@@ -249,6 +259,7 @@ def plan_table(
                 devices=devices,
                 strategy=strategy,
                 offload=offload,
+                checkpointing=method == "qlora" if checkpointing is None else checkpointing,
                 **kwargs,
             )
             rows.append((est, est.total <= device_memory_gib * GiB))
