@@ -256,6 +256,7 @@ def _time_estimate(model: torch.nn.Module, spec: JobSpec, rows: list[Row], conso
     method = "full" if spec.method.name == "full" else "lora"
     step_s = estimate(
         shape, method, seq_len=max(1, round(tokens)), batch=spec.train.batch_size * spec.train.grad_accum,
+        checkpointing=spec.train.gradient_checkpointing is True,  # resolved by now: the recompute is counted
         flops=measure_flops(),
     ).seconds_per_step
     if spec.train.time_budget is not None:
