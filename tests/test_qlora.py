@@ -4,6 +4,7 @@ update) generates exactly what the quantised base + adapter generates."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,16 @@ def _mapped(path: Path) -> bool:
     return str(path) in Path("/proc/self/maps").read_text()
 
 
-def test_quantising_reads_the_checkpoint_without_mapping_it(tiny_llama_dir: Path) -> None:
+def test_quantising_reads_the_checkpoint_without_mapping_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """While a QLoRA model loads, transformers' safetensors reader uses pread, so the checkpoint's pages never count
     in the process's memory; outside the load it maps the file as before."""
     import transformers.modeling_utils as loading
 
     from tunelab.models import _read_not_mapped
 
-    checkpoint = (tiny_llama_dir / "model.safetensors").resolve()
+    # A copy no other test has opened: a model loaded earlier in this process may still map the original.
+    checkpoint = tmp_path / "weights.safetensors"
+    shutil.copy(tiny_llama_dir / "model.safetensors", checkpoint)
     with _read_not_mapped(), loading.safe_open(str(checkpoint), framework="pt", device="cpu", backend="mmap") as f:
         assert not _mapped(checkpoint)
         read = {k: f.get_slice(k)[:] for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
@@ -152,8 +155,6 @@ def test_a_checkpoint_loaded_in_another_dtype_is_read_not_mapped(
 ) -> None:
     """A bf16 checkpoint becomes fp32 copies, so its file is read (pread) rather than mapped beside them; an fp32
     one is used in place, mapped. Either way the weights are the checkpoint's."""
-    import shutil
-
     import transformers.modeling_utils as loading
 
     folder = tmp_path / str(dtype)
