@@ -13,8 +13,9 @@ Memory per device, in bytes (P = parameters, T = trainable parameters, N = devic
   checkpointing only each layer's input (h) plus one layer's full set; plus the loss: with the chunked
   cross-entropy (train.chunked_loss, the default) two fp32 chunks of logits (train/chunked_loss.py's CHUNK_BYTES)
   and the hidden states' gradient (h per token), with the model's own loss the logits and their gradient
-  (3 x vocabulary values per token). LoRA-family adapters with dropout keep each adapted projection's dropped-out
-  input and its mask (6h + i values and bytes per layer and token for the seven Llama projections).
+  (3 x vocabulary values per token). LoRA-family adapters with dropout keep a mask over each adapted projection's
+  input (6h + i values per layer and token for the seven Llama projections): one byte a value for tunelab's lean
+  dropout (methods/lean_dropout.py), and for DoRA (PEFT's own dropout) a float mask and the dropped-out input.
 - runtime: the framework itself — the interpreter and libraries on CPU (RUNTIME_GIB, measured: RSS after
   importing tunelab's training stack), the CUDA context on a GPU (about the same).
 Time: 6P FLOPs per token for full fine-tuning, 4P for adapters (no weight gradients for the frozen base), divided
@@ -176,8 +177,9 @@ def estimate(
         weights=weights / w_div,
         gradients=trainable * 4 / g_div,
         optimizer=optimizer,
-        activations=_activations(shape, tokens, bf16, checkpointing) + _loss(shape, tokens, chunked_loss)
-        + (_dropout_copies(shape, tokens, bf16, checkpointing) if method in LORA_FAMILY and lora_dropout > 0 else 0.0),
+        activations=_activations(shape, tokens, bf16, checkpointing)
+        + _loss(shape, tokens, chunked_loss)
+        + (_dropout_masks(shape, tokens, method, bf16, checkpointing) if lora_dropout > 0 else 0.0),
         trainable=trainable,
         seconds_per_step=flops_per_token * tokens / (flops * utilisation),
     )
@@ -204,11 +206,14 @@ def _loss(shape: Shape, tokens: int, chunked: bool) -> float:
     return float(2 * chunk * shape.vocab * 4 + tokens * shape.hidden * 4)
 
 
-def _dropout_copies(shape: Shape, tokens: int, bf16: bool, checkpointing: bool) -> float:
-    """PEFT applies dropout to the input of every adapted projection and keeps the result (and its mask) for the
-    adapter's backward: q/k/v/o/gate/up see h values per token, down sees i. With checkpointing, one layer's."""
+def _dropout_masks(shape: Shape, tokens: int, method: str, bf16: bool, checkpointing: bool) -> float:
+    """LoRA's dropout on the input of every adapted projection (q/k/v/o/gate/up see h values per token, down sees
+    i) keeps a boolean mask for backward (lean_dropout); DoRA, PEFT's own, keeps a float mask and the dropped-out
+    input. With checkpointing, one layer's."""
+    if method not in LORA_FAMILY:
+        return 0.0
     values = (1 if checkpointing else shape.layers) * (6 * shape.hidden + shape.intermediate)
-    return float(tokens * values * ((2 if bf16 else 4) + 1))
+    return float(tokens * values * (2 * (2 if bf16 else 4) if method == "dora" else 1))
 
 
 def checkpointing_needed(estimate_without: Estimate, available: float) -> tuple[bool, str]:

@@ -17,6 +17,7 @@ from peft import (
     get_peft_model,
 )
 
+from tunelab.methods.lean_dropout import lean_lora_dropout
 from tunelab.methods.registry import VIRTUAL_TOKEN_SETTINGS, MethodInfo, register_method
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ def _lora(**extra: Any) -> Any:
             target_modules=_targets(model, spec),
             **extra,
         )
-        return _wrap(model, config)
+        wrapped = _wrap(model, config)
+        lean_lora_dropout(wrapped)
+        return wrapped
 
     return build
 

@@ -16,6 +16,7 @@ from transformers import BitsAndBytesConfig
 
 from tunelab.errors import TunelabError
 from tunelab.extras import optional_import
+from tunelab.methods.lean_dropout import lean_lora_dropout
 from tunelab.methods.peft_methods import default_target_modules
 from tunelab.methods.registry import LORA_SETTINGS, MethodInfo, register_method
 
@@ -53,7 +54,9 @@ def _build(model: torch.nn.Module, spec: MethodSpec) -> torch.nn.Module:
         target_modules=spec.target_modules or default_target_modules(model),
         use_dora=spec.dora,
     )
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    lean_lora_dropout(wrapped)
+    return wrapped
 
 
 @torch.no_grad()
