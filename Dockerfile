@@ -11,8 +11,8 @@ ARG EXTRAS=deepspeed,qlora,postgres,ray,trackers,storage
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 TUNELAB_CACHE=/var/cache/tunelab
 
-# A compiler: DeepSpeed builds its CPU ops on first use.
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+# A compiler: DeepSpeed builds its CPU ops on first use. jemalloc: preloaded into the processes `--nproc` launches.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ libjemalloc2 && rm -rf /var/lib/apt/lists/*
 RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX}"
 
 WORKDIR /opt/tunelab

@@ -3,10 +3,14 @@ after glibc's threshold has risen, leave nothing resident with the fix and all o
 
 from __future__ import annotations
 
+import ctypes.util
+import os
 import subprocess
 import sys
 
 import pytest
+
+from tunelab.allocator import ALLOCATOR_ENV, preload_env
 
 SCRIPT = """
 import sys, torch
@@ -38,3 +42,28 @@ def test_freed_tensors_leave_no_resident_memory() -> None:
 
     assert retained("default") > 150  # glibc's default keeps the freed 200 MiB: the case the fix is for
     assert retained("fixed") < 20
+
+
+JEMALLOC = ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
+
+
+def test_launched_processes_keep_glibc_when_asked_or_when_ld_preload_is_set() -> None:
+    env = {"PATH": "/usr/bin", ALLOCATOR_ENV: "glibc"}
+    assert preload_env(env) == (env, "glibc (TUNELAB_ALLOCATOR=glibc)")
+    own = {"LD_PRELOAD": "libmine.so"}
+    assert preload_env(own)[0] == own  # the user's preload is theirs
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="no jemalloc on this machine (Debian: libjemalloc2; .ci/run installs it)")
+def test_launched_processes_run_on_jemalloc_when_the_machine_has_it() -> None:
+    env, said = preload_env({"PATH": os.environ["PATH"]})
+    assert said.startswith("jemalloc") and env["LD_PRELOAD"] == JEMALLOC
+    probe = "import torch; torch.ones(1 << 22); print(open('/proc/self/maps').read())"
+    maps = subprocess.run(
+        [sys.executable, "-c", probe], env=os.environ | env, capture_output=True, text=True, check=True
+    )
+    assert "libjemalloc" in maps.stdout  # the library is loaded in a process that runs torch
+    assert (
+        "libjemalloc"
+        not in subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    )

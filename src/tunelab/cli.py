@@ -220,6 +220,7 @@ def _launch(
     master_port: int,
 ) -> None:
     """Re-run this command under torchrun, which starts the processes and tells each its rank."""
+    from tunelab.allocator import preload_env
     from tunelab.train.distributed import free_port, launch_command, prebuild_deepspeed_ops, run_launch
 
     if job.distributed.strategy == "none":
@@ -234,7 +235,9 @@ def _launch(
     port = master_port or (free_port() if nnodes == 1 else 29500)
     command = launch_command(argv, nproc, nnodes, node_rank, master_addr, port)
     console.print(f"launching {nproc * nnodes} processes ({job.distributed.strategy}): {' '.join(command[2:])}")
-    code = run_launch(command)
+    env, allocator = preload_env(dict(os.environ))
+    console.print(f"allocator: {allocator}")
+    code = run_launch(command, {k: v for k, v in env.items() if os.environ.get(k) != v})
     if code:
         raise typer.Exit(code)
 

@@ -168,7 +168,7 @@ def free_port() -> int:
 LAUNCHED_ENV = "TUNELAB_LAUNCHED"  # set in the processes `tunelab train --nproc` starts
 
 
-def run_launch(command: list[str]) -> int:
+def run_launch(command: list[str], extra_env: dict[str, str] | None = None) -> int:
     """Run a torchrun command; Ctrl-C then means what it means for one process: finish the step, save a
     checkpoint, stop (a second one: stop now). torchrun runs in its own session, so the terminal's SIGINT reaches
     this process alone, which passes one SIGINT to each training process; otherwise each would get two (the
@@ -178,7 +178,7 @@ def run_launch(command: list[str]) -> int:
 
     # torchrun gives each process one thread; set here, it does not print a banner saying so. LAUNCHED_ENV: a
     # process stopped by Ctrl-C exits 0 (its checkpoint is saved), or torchrun would report it as a failure.
-    env = {"OMP_NUM_THREADS": "1", **os.environ, LAUNCHED_ENV: "1"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, LAUNCHED_ENV: "1"} | (extra_env or {})
     launch = subprocess.Popen(command, env=env, start_new_session=True)
     interrupted = False
 
