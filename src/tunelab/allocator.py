@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+from collections.abc import Mapping
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 THRESHOLD_BYTES = 1 << 20
@@ -48,19 +48,15 @@ def release_freed_memory() -> bool:
 ALLOCATOR_ENV = "TUNELAB_ALLOCATOR"  # "glibc": launched processes keep glibc's allocator
 
 
-def preload_env(env: dict[str, str]) -> tuple[dict[str, str], str]:
-    """`env` for launched training processes with jemalloc preloaded when the machine has it, and what was chosen,
-    for the log. An LD_PRELOAD already set, TUNELAB_ALLOCATOR=glibc, or a machine without jemalloc keep glibc."""
+def preload_env(env: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """The variables to add to `env` for launched training processes (LD_PRELOAD of jemalloc, when the machine has
+    it), and what was chosen, for the log. An LD_PRELOAD already set, TUNELAB_ALLOCATOR=glibc, or a machine without
+    jemalloc keep glibc's allocator."""
     if env.get(ALLOCATOR_ENV) == "glibc":
-        return env, f"glibc ({ALLOCATOR_ENV}=glibc)"
+        return {}, f"glibc ({ALLOCATOR_ENV}=glibc)"
     if env.get("LD_PRELOAD"):
-        return env, "as LD_PRELOAD gives"
+        return {}, "as LD_PRELOAD gives"
     library = ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
     if library is None:
-        return env, "glibc (no jemalloc on this machine: `apt install libjemalloc2` saves memory)"
-    return env | {"LD_PRELOAD": library}, f"jemalloc ({library}, preloaded: freed memory returns to the system)"
-
-
-def allocator_in_use() -> str:
-    """The allocator this process runs with, as the launch chose it (for tests and the log)."""
-    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+        return {}, "glibc (no jemalloc on this machine: `apt install libjemalloc2` saves memory)"
+    return {"LD_PRELOAD": library}, f"jemalloc ({library}, preloaded: freed memory returns to the system)"

@@ -235,9 +235,9 @@ def _launch(
     port = master_port or (free_port() if nnodes == 1 else 29500)
     command = launch_command(argv, nproc, nnodes, node_rank, master_addr, port)
     console.print(f"launching {nproc * nnodes} processes ({job.distributed.strategy}): {' '.join(command[2:])}")
-    env, allocator = preload_env(dict(os.environ))
+    extra_env, allocator = preload_env(os.environ)
     console.print(f"allocator: {allocator}")
-    code = run_launch(command, {k: v for k, v in env.items() if os.environ.get(k) != v})
+    code = run_launch(command, extra_env)
     if code:
         raise typer.Exit(code)
 
