@@ -6,15 +6,18 @@
 Same model, bundled chat data, LoRA (r=16, alpha 32, all seven projections), maximum length, batch, learning rate
 and schedule, and number of optimizer steps. TRL runs as the cookbook does (padded batches) and packed
 (`packing=True`, padding-free), both with TRL's defaults (gradient checkpointing and bf16 autocast on), and at its
-fastest here ("trl-best": packed, no gradient checkpointing, fp32). tunelab runs with its defaults ("tunelab":
-`--nproc auto` chooses the process layout; the line it printed is shown), as one process (PyTorch's threads over
-the cores, "tunelab-1proc") and as two single-threaded data-parallel processes ("tunelab-2proc", `tunelab train
---nproc 2`, DDP; same global batch), and once more with the model's own loss over the full logits
+fastest here ("trl-best": packed, no gradient checkpointing, in the precision whose matmuls are faster on this
+machine: bf16 autocast with AMX, fp32 without — measured as tunelab's `precision: auto` measures it). tunelab runs
+with its defaults ("tunelab": `--nproc auto` chooses the process layout and `precision: auto` the precision; the
+line it printed is shown), as one process (PyTorch's threads over the cores, "tunelab-1proc") and as two
+single-threaded data-parallel processes ("tunelab-2proc", `tunelab train --nproc 2`, DDP; same global batch), and
+once more with the model's own loss over the full logits
 ("tunelab-full-logits", `train.chunked_loss: false`) to show what the chunked cross-entropy saves. The loss
 covers every token in all of them (TRL's default; tunelab with `task.train_on_prompt`), so final losses compare
 like with like. Each run is its own process (peak RSS is per process: a launch's largest). Prints real tokens/s
 (padding excluded), the ratio tunelab/TRL, peak RSS, the last steps' mean loss, and tunelab's model-FLOPs
-utilisation against this machine's fp32 matmul FLOP/s measured in the same run.
+utilisation against this machine's matmul FLOP/s, measured in the same run in the precision tunelab trained in
+(fp32, or bf16 autocast).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +53,7 @@ LR = 5e-4
 
 def run_tunelab(
     model: str, steps: int, seq_len: int, batch: int, out: Path, nproc: str = "auto", chunked: bool = True
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """tunelab as users run it, `tunelab train SPEC --nproc N`: auto (the default) picks one process or one
     single-threaded process per core (DDP, batch/N rows each, same global batch); "1" forces one process with
     PyTorch's threads, "2" two DDP processes; `chunked=False`: the model's own loss over the full logits instead of
@@ -70,6 +74,7 @@ def run_tunelab(
         "seconds": rows[-1]["elapsed_s"],
         "losses": [r["loss"] for r in rows],
         "layout": layout,
+        "precision": rows[-1]["precision"],
     }
 
 
@@ -85,9 +90,9 @@ def _tunelab_spec(model: str, steps: int, seq_len: int, batch: int, out: Path) -
     }
 
 
-def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, variant: str) -> dict[str, float]:
-    """TRL with its defaults (gradient checkpointing and bf16 autocast on), padded or packed; "trl-best" also
-    turns those two off (faster here: no recomputation, and fp32 beats bf16 on this CPU)."""
+def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, variant: str) -> dict[str, Any]:
+    """TRL with its defaults (gradient checkpointing and bf16 autocast on), padded or packed; "trl-best" turns
+    gradient checkpointing off (no recomputation) and trains in the precision that is faster here."""
     from datasets import load_dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -105,7 +110,7 @@ def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, variant
         max_length=seq_len,
         packing=variant != "trl-padded",
         padding_free=variant != "trl-padded",
-        **({"gradient_checkpointing": False, "bf16": False} if variant == "trl-best" else {}),
+        **({"gradient_checkpointing": False, "bf16": _bf16_faster(model)} if variant == "trl-best" else {}),
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -115,6 +120,8 @@ def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, variant
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     timer = _StepTimer()
+    if variant == "trl-best":
+        print(f"trl-best precision: {'bf16' if config.bf16 else 'fp32'}", file=sys.stderr)
     trainer = SFTTrainer(
         model=load_model(source),
         args=config,
@@ -126,6 +133,15 @@ def run_trl(model: str, steps: int, seq_len: int, batch: int, out: Path, variant
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return {"tokens": trainer.state.num_input_tokens_seen, "seconds": timer.seconds, "losses": losses}
+
+
+def _bf16_faster(model: str) -> bool:
+    """Whether bf16 autocast matmuls beat fp32 on this machine for this model (tunelab's `auto` rule)."""
+    from tunelab.plan import load_config
+    from tunelab.train.precision import BF16_MIN_SPEEDUP, measure
+
+    config = load_config(model)
+    return measure(config.hidden_size, config.intermediate_size, "cpu").speedup >= BF16_MIN_SPEEDUP
 
 
 class _StepTimer(TrainerCallback):
@@ -184,12 +200,10 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.steps, args.seq_len, args.batch)
         return
-    from tunelab.plan import measure_flops
-
     if args.model == "tiny":
         args.model = _tiny_model()
-    peak = measure_flops(2048, 4)
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in chosen}
+    peak = peak_flops()
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in chosen}
     for round_ in range(args.rounds):
         for variant in chosen:  # alternated, so drift in machine load hits every variant alike
             cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--steps", str(args.steps)]
@@ -206,7 +220,19 @@ def main() -> None:
     _report(runs, args, peak, model_params(args.model))
 
 
-def _report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, peak: float, params: int) -> None:
+def peak_flops() -> dict[str, float]:
+    """This machine's matmul FLOP/s over all cores, fp32 and under bf16 autocast (2048-square, as in tunelab plan)."""
+    from tunelab.plan import measure_flops
+
+    fp32 = measure_flops(2048, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = measure_flops(2048, 4)
+    return {"fp32": fp32, "bf16": bf16}
+
+
+def _report(
+    runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, peak: dict[str, float], params: int
+) -> None:
     tps = {v: statistics.median(r["tokens"] / r["seconds"] for r in rs) for v, rs in runs.items()}
     print(f"\n{args.model}: LoRA r16, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds")
     print(f"{'variant':19} {'tokens/s':>9} {'tunelab/x':>10} {'2proc/x':>8} {'peak RSS MiB':>13} {'final loss':>11}")
@@ -216,12 +242,13 @@ def _report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, p
         two = f"{tps['tunelab-2proc'] / tps[variant]:8.2f}" if "tunelab-2proc" in tps else f"{'-':>8}"
         print(f"{variant:19} {tps[variant]:9.1f} {tps['tunelab'] / tps[variant]:10.2f} {two} {rss:13.0f} {loss:11.4f}")
     # LoRA: forward 2P + backward through activations 2P FLOPs per token (no weight gradients for the base).
-    print(f"machine fp32 matmul (all cores): {peak / 1e9:.1f} GFLOP/s")
+    print(f"machine matmul (all cores): fp32 {peak['fp32'] / 1e9:.1f}, bf16 autocast {peak['bf16'] / 1e9:.1f} GFLOP/s")
     for variant in ("tunelab", "tunelab-1proc", "tunelab-2proc"):
         if variant not in tps:
             continue
         achieved = 4 * params * tps[variant]
-        print(f"{variant}: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% MFU")
+        precision = runs[variant][0]["precision"]  # against the matmul speed of the precision it trained in
+        print(f"{variant} ({precision}): {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak[precision]:.0f}% MFU")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         need_grad: bool,
     ) -> torch.Tensor:
         grads = _Grads(hidden, weight, bias, need_grad)
+        weight = grads.weight_matrix
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         for start in range(0, hidden.shape[0], rows):
@@ -84,12 +85,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (*scaled, None, None, None)
 
 
+def _autocast_once(weight: torch.Tensor) -> torch.Tensor:
+    """The output weight in autocast's dtype, cast once for all chunks: autocast would cast it again for every
+    chunk (49k x 576 values on the embedded model), as it keeps no cast of a frozen weight."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return weight.to(torch.get_autocast_dtype(device))
+    return weight
+
+
 class _Grads:
     """The gradients the forward pass accumulates chunk by chunk, for the inputs that need them."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, need: bool):
         self.weight_dtype = weight.dtype
-        self.weight_matrix = weight
+        self.weight_matrix = _autocast_once(weight)
         self.hidden = torch.zeros_like(hidden) if need and hidden.requires_grad else None
         self.weight = torch.zeros_like(weight, dtype=torch.float32) if need and weight.requires_grad else None
         self.bias = (
@@ -99,7 +109,8 @@ class _Grads:
     def add(self, start: int, chunk: torch.Tensor, grad_logits: torch.Tensor) -> None:
         g = grad_logits.to(chunk.dtype)
         if self.hidden is not None:
-            self.hidden[start : start + len(chunk)] = g @ self.weight_matrix.to(g.dtype)
+            # in the weight's dtype: bf16 under autocast, as the model's own output layer computes this gradient
+            self.hidden[start : start + len(chunk)] = g.to(self.weight_matrix.dtype) @ self.weight_matrix
         if self.weight is not None:
             self.weight += (g.t() @ chunk).float()
         if self.bias is not None:
