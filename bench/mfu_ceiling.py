@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from tunelab.config import MethodSpec
 from tunelab.methods import apply_method
 from tunelab.models import load_model, resolve
+from tunelab.plan import measure_flops
 from tunelab.train.chunked_loss import chunked_cross_entropy
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -57,14 +58,16 @@ def main() -> None:
         replay()
         attend()
 
-    runs = {"step": step, "matmuls alone": replay, "+ attention": replay_and_attend, "peak": _peak(args.precision)}
+    runs = {"step": step, "matmuls alone": replay, "+ attention": replay_and_attend}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks = []
     for _ in range(args.rounds):  # alternated: drift in machine speed hits all of them alike
         for name, fn in runs.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    _report(times, shapes, params, args.precision)
+        peaks.append(_peak(args.precision))
+    _report(times, statistics.median(peaks), shapes, params, args.precision)
 
 
 def _training_step(model: torch.nn.Module, bf16: bool) -> Callable[[], None]:
@@ -125,17 +128,11 @@ def _attention(shapes: Shapes, dtype: torch.dtype) -> Callable[[], None]:
     return run
 
 
-def _peak(precision: str) -> Callable[[], None]:
-    """The peak bench/train_throughput.py sets its MFU goal against: fp32 2048-square matmuls, under bf16 autocast
-    for bf16 (as the training step runs; the two casts per matmul included)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-
-    def run() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for _ in range(4):
-                torch.matmul(a, b)
-
-    return run
+def _peak(precision: str) -> float:
+    """The peak bench/train_throughput.py sets its MFU goal against: `tunelab plan`'s 2048-square fp32 matmuls, under
+    bf16 autocast for bf16 (as the training step runs; the two casts per matmul included)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return measure_flops(2048, 4)
 
 
 def _flops(shapes: Shapes) -> float:
@@ -146,9 +143,8 @@ def _flops(shapes: Shapes) -> float:
     return total
 
 
-def _report(times: dict[str, list[float]], shapes: Shapes, params: int, precision: str) -> None:
+def _report(times: dict[str, list[float]], peak: float, shapes: Shapes, params: int, precision: str) -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
-    peak = 4 * 2 * 2048**3 / median["peak"]
     model_flops = 4 * params * BATCH * SEQ
     print(f"embedded model, LoRA r16, {BATCH} x {SEQ} tokens, 1 thread, {precision}, {len(times['step'])} rounds")
     print(f"peak (2048-square matmul): {peak / 1e9:.1f} GFLOP/s")
